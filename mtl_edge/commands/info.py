@@ -1,0 +1,52 @@
+"""`mtl-edge info`: versions, CPU flags, GPUs and backends of this machine."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from mtl_edge import __version__, sysinfo
+
+
+def _line(name: str, entry: dict) -> str:
+    if entry.get("version"):
+        extra = ""
+        if "providers" in entry:
+            extra = f" (providers: {', '.join(entry['providers'])})"
+        if "cuda_available" in entry:
+            extra = f" (CUDA {entry['cuda']}, available: {entry['cuda_available']})"
+        return f"{name}: {entry['version']}{extra}"
+    return f"{name}: not available ({entry['missing_reason']})"
+
+
+def register(app: typer.Typer, name: str) -> None:
+    @app.command(name=name, help="Print versions, CPU model and flags, GPUs and backends.")
+    def info(
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    ) -> None:
+        data = {"mtl_edge": __version__, **sysinfo.collect()}
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+            return
+        cpu = data["cpu"]
+        flags = [f for f, present in cpu["flags"].items() if present]
+        lines = [
+            f"mtl-edge: {__version__}",
+            f"python: {data['python']} on {data['platform']}",
+            f"numpy: {data['numpy']}",
+            _line("onnxruntime", data["onnxruntime"]),
+            _line("tensorrt", data["tensorrt"]),
+            _line("torch", data["torch"]),
+            f"cpu: {cpu['model']} ({cpu['cores']} usable cores)",
+            f"cpu flags: {' '.join(flags) or 'none of ' + ', '.join(sysinfo.INTERESTING_FLAGS)}",
+        ]
+        if data["gpus"]:
+            for i, gpu in enumerate(data["gpus"]):
+                lines.append(
+                    f"gpu {i}: {gpu['name']} (driver {gpu['driver']}, {gpu['memory']}, "
+                    f"compute capability {gpu['compute_capability']})"
+                )
+        else:
+            lines.append("gpu: none found")
+        typer.echo("\n".join(lines))

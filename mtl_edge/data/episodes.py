@@ -1,0 +1,191 @@
+"""N-way K-shot Q-query episodes, reproducible by seed and storable as JSON.
+
+Episode `i` of a sampler depends only on (seed, i), never on what was drawn before, so every
+backend, precision and method evaluated on "episodes 0..1999 of seed 0" sees the same tasks,
+and a fixed list can be saved once and shared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtl_edge.atomicio import atomic_write_json
+from mtl_edge.data.split import ImageSplit
+from mtl_edge.errors import DatasetError
+
+EPISODES_SCHEMA = "mtl-edge.episodes"
+EPISODES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One few-shot task over sample indices of a split.
+
+    Attributes:
+        classes: split class ids, shape (ways,); episode label j means classes[j].
+        support: sample indices of shape (ways * shots,), class-major: label j's shots are
+            support[j * shots:(j + 1) * shots].
+        query: sample indices of shape (ways * queries,), class-major likewise.
+    """
+
+    classes: np.ndarray
+    support: np.ndarray
+    query: np.ndarray
+
+    @property
+    def ways(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shots(self) -> int:
+        return len(self.support) // self.ways
+
+    @property
+    def queries(self) -> int:
+        return len(self.query) // self.ways
+
+    def support_labels(self) -> np.ndarray:
+        """int64 array of shape (ways * shots,): episode labels 0..ways-1 of the support set."""
+        return np.repeat(np.arange(self.ways, dtype=np.int64), self.shots)
+
+    def query_labels(self) -> np.ndarray:
+        """int64 array of shape (ways * queries,): episode labels of the query set."""
+        return np.repeat(np.arange(self.ways, dtype=np.int64), self.queries)
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {
+            "classes": self.classes.tolist(),
+            "support": self.support.tolist(),
+            "query": self.query.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Episode:
+        return cls(
+            classes=np.asarray(d["classes"], dtype=np.int64),
+            support=np.asarray(d["support"], dtype=np.int64),
+            query=np.asarray(d["query"], dtype=np.int64),
+        )
+
+
+class EpisodeSampler:
+    """Draws episodes from per-class sample indices.
+
+    Args:
+        indices_by_class: for each class id, the sample indices of that class.
+        ways, shots, queries: N, K and Q.
+        seed: episode i is drawn from a generator seeded by (seed, i).
+        class_names: names for error messages (defaults to the class ids).
+        name: the split's name for error messages.
+    """
+
+    def __init__(
+        self,
+        indices_by_class: Sequence[np.ndarray],
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int = 0,
+        class_names: Sequence[str] | None = None,
+        name: str = "split",
+    ) -> None:
+        if ways < 2 or shots < 1 or queries < 0:
+            raise DatasetError(
+                f"episodes: ways={ways}, shots={shots}, queries={queries}: need ways >= 2, "
+                "shots >= 1 and queries >= 0"
+            )
+        names = (
+            list(class_names)
+            if class_names is not None
+            else [str(i) for i in range(len(indices_by_class))]
+        )
+        if len(indices_by_class) < ways:
+            raise DatasetError(
+                f"{name}: has {len(indices_by_class)} classes, fewer than the {ways} ways asked; "
+                "lower --ways or use a larger split"
+            )
+        for c, idx in enumerate(indices_by_class):
+            if len(idx) < shots + queries:
+                raise DatasetError(
+                    f"{name}: class {names[c]!r} has {len(idx)} images, fewer than the "
+                    f"{shots + queries} (shots {shots} + queries {queries}) an episode needs; "
+                    "lower shots/queries or add images"
+                )
+        self.indices_by_class = [np.asarray(i, dtype=np.int64) for i in indices_by_class]
+        self.ways, self.shots, self.queries, self.seed = ways, shots, queries, seed
+
+    @classmethod
+    def for_split(
+        cls, split: ImageSplit, ways: int, shots: int, queries: int, seed: int = 0
+    ) -> EpisodeSampler:
+        return cls(
+            split.indices_by_class(),
+            ways,
+            shots,
+            queries,
+            seed,
+            class_names=split.class_names,
+            name=split.name,
+        )
+
+    def episode(self, index: int) -> Episode:
+        """Episode number `index`; a pure function of (seed, index)."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
+        classes = rng.choice(len(self.indices_by_class), self.ways, replace=False)
+        per = self.shots + self.queries
+        picks = [rng.choice(self.indices_by_class[c], per, replace=False) for c in classes]
+        return Episode(
+            classes=classes.astype(np.int64),
+            support=np.concatenate([p[: self.shots] for p in picks]),
+            query=np.concatenate([p[self.shots :] for p in picks]),
+        )
+
+    def episodes(self, count: int, start: int = 0) -> list[Episode]:
+        return [self.episode(i) for i in range(start, start + count)]
+
+    def __iter__(self) -> Iterator[Episode]:
+        i = 0
+        while True:
+            yield self.episode(i)
+            i += 1
+
+
+def save_episodes(path: str | Path, episodes: Sequence[Episode], meta: dict[str, Any]) -> None:
+    """Write an episode list as JSON (atomically). `meta` records split, seed, ways, etc."""
+    atomic_write_json(
+        path,
+        {
+            "schema": EPISODES_SCHEMA,
+            "version": EPISODES_VERSION,
+            "meta": meta,
+            "episodes": [e.to_json() for e in episodes],
+        },
+    )
+
+
+def load_episodes(path: str | Path) -> tuple[list[Episode], dict[str, Any]]:
+    """Read an episode list written by `save_episodes`. Returns (episodes, meta)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such episode file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not a valid episode JSON file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != EPISODES_SCHEMA:
+        raise DatasetError(f"{path}: not an mtl-edge episode file (schema {EPISODES_SCHEMA})")
+    if doc.get("version") != EPISODES_VERSION:
+        raise DatasetError(
+            f"{path}: episode file version {doc.get('version')}, this mtl-edge reads "
+            f"{EPISODES_VERSION}"
+        )
+    try:
+        return [Episode.from_json(e) for e in doc["episodes"]], dict(doc.get("meta", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: malformed episode entry ({e})") from None

@@ -1,0 +1,43 @@
+"""Errors a user can cause. The CLI prints them as one line, never as a traceback."""
+
+from __future__ import annotations
+
+
+class MtlEdgeError(Exception):
+    """A user-facing error: the message names the thing that is wrong and how to fix it.
+
+    Args:
+        message: one line, e.g. "images/cat/01.jpg: truncated JPEG; re-export or remove it".
+        exit_code: process exit code the CLI uses (1 for bad input, 2 for unavailable features).
+    """
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ImageError(MtlEdgeError):
+    """An image file that cannot be decoded or is out of bounds."""
+
+
+class DatasetError(MtlEdgeError):
+    """A dataset folder or file in the wrong layout, or too small for the request."""
+
+
+class BundleError(MtlEdgeError):
+    """A model bundle that is missing, incomplete, tampered with or of another schema."""
+
+
+class GalleryError(MtlEdgeError):
+    """An enrollment gallery that is missing, corrupt or built with another bundle."""
+
+
+class ConfigError(MtlEdgeError):
+    """A recipe or option with an unknown key, a wrong type or an out-of-range value."""
+
+
+class UnavailableError(MtlEdgeError):
+    """A feature whose dependency (TensorRT, CUDA, torch) is not present here. Exit code 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)

@@ -1,0 +1,118 @@
+"""What this machine is: versions, CPU model and flags, GPUs, available backends.
+
+Benchmarks and run folders record this next to every figure, because the CPU model differs from
+one machine to the next and results only mean something with the machine named.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+#: CPU flags that decide which int8 / bf16 kernels onnxruntime and torch can use.
+INTERESTING_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, logical cores usable by this process and the flags that matter."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    return {
+        "model": model,
+        "cores": usable,
+        "flags": {f: f in flags for f in INTERESTING_FLAGS},
+    }
+
+
+def _version(module: str) -> tuple[str | None, str | None]:
+    """(version, None) if importable, else (None, one-line reason)."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason to report
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+    return str(getattr(mod, "__version__", "unknown")), None
+
+
+def gpu_info() -> list[dict[str, str]]:
+    """GPUs as reported by nvidia-smi (name, driver, memory, compute capability), or []."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    query = "name,driver_version,memory.total,compute_cap"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            gpus.append(
+                dict(zip(("name", "driver", "memory", "compute_capability"), parts, strict=True))
+            )
+    return gpus
+
+
+def collect(include_torch: bool = True) -> dict[str, Any]:
+    """Everything `mtl-edge info` prints, as a JSON-ready dict."""
+    import numpy
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "numpy": numpy.__version__,
+        "cpu": cpu_info(),
+        "gpus": gpu_info(),
+    }
+    ort_version, ort_reason = _version("onnxruntime")
+    info["onnxruntime"] = {"version": ort_version, "missing_reason": ort_reason}
+    if ort_version is not None:
+        import onnxruntime
+
+        info["onnxruntime"]["providers"] = onnxruntime.get_available_providers()
+    trt_version, trt_reason = _version("tensorrt")
+    info["tensorrt"] = {"version": trt_version, "missing_reason": trt_reason}
+    if include_torch:
+        torch_version, torch_reason = _version("torch")
+        info["torch"] = {"version": torch_version, "missing_reason": torch_reason}
+        if torch_version is not None:
+            import torch
+
+            info["torch"]["cuda"] = torch.version.cuda
+            info["torch"]["cuda_available"] = bool(torch.cuda.is_available())
+            info["torch"]["threads"] = torch.get_num_threads()
+    return info
