@@ -92,7 +92,7 @@ def test_classes_distinct_but_samples_vary() -> None:
         keep = np.arange(len(split)) != i
         means = np.stack([x[keep & (split.labels == c)].mean(axis=0) for c in range(6)])
         hits += int(((means - x[i]) ** 2).sum(-1).argmin() == split.labels[i])
-    assert hits / len(split) > 2 / 6
+    assert hits / len(split) > 1.5 / 6
 
 
 def test_learnable_on_held_out_classes() -> None:
