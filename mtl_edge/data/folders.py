@@ -98,16 +98,7 @@ def validate_images(
             bad.append(i)
     if not bad:
         return split
-    keep = np.setdiff1d(np.arange(len(split)), bad)
-    return ImageSplit(
-        name=split.name,
-        class_names=split.class_names,
-        labels=split.labels[keep],
-        paths=[split.paths[i] for i in keep] if split.paths is not None else None,
-        arrays=split.arrays[keep] if split.arrays is not None else None,
-        rotations=split.rotations[keep] if split.rotations is not None else None,
-        color_mode=split.color_mode,
-    )
+    return split.take(np.setdiff1d(np.arange(len(split)), bad))
 
 
 def drop_empty_classes(split: ImageSplit, on_error: str = "raise") -> ImageSplit:

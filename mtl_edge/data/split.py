@@ -20,7 +20,7 @@ from mtl_edge.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
 @dataclass
 class ImageSplit:
-    """Images with class labels. Exactly one of `paths` and `arrays` holds the pixels.
+    """Images with class labels. Exactly one of `paths`, `arrays` and `blobs` holds the pixels.
 
     Attributes:
         name: e.g. "miniimagenet/train"; used in messages and fingerprints.
@@ -28,6 +28,8 @@ class ImageSplit:
         labels: int64 array of shape (N,), class id of every sample.
         paths: N image files, or None.
         arrays: uint8 array of shape (N, H, W) or (N, H, W, C), or None.
+        blobs: N encoded image files (JPEG/PNG bytes) held in memory, or None. Used for
+            tieredImageNet pickles and tar shards, whose images are never re-encoded.
         rotations: int array of shape (N,) of degrees (0, 90, 180, 270) applied after decoding,
             or None. Omniglot uses it to make rotated copies into new classes.
         color_mode: "RGB" or "L", the mode images are decoded to.
@@ -40,13 +42,15 @@ class ImageSplit:
     arrays: np.ndarray | None = None
     rotations: np.ndarray | None = None
     color_mode: str = "RGB"
+    blobs: list[bytes] | None = None
     _by_class: list[np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        if (self.paths is None) == (self.arrays is None):
-            raise ValueError("ImageSplit needs exactly one of paths and arrays")
-        n = len(self.paths) if self.paths is not None else len(self.arrays)  # type: ignore[arg-type]
+        sources = [s for s in (self.paths, self.arrays, self.blobs) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("ImageSplit needs exactly one of paths, arrays and blobs")
+        n = len(sources[0])
         if len(self.labels) != n:
             raise ValueError(f"{self.name}: {n} images but {len(self.labels)} labels")
         if self.rotations is not None and len(self.rotations) != n:
@@ -69,7 +73,13 @@ class ImageSplit:
 
     def image(self, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         """Decode sample `index` to an upright image in `color_mode` (rotation applied)."""
-        source = self.paths[index] if self.paths is not None else self.arrays[index]  # type: ignore[index]
+        source: Path | np.ndarray | bytes
+        if self.paths is not None:
+            source = self.paths[index]
+        elif self.blobs is not None:
+            source = self.blobs[index]
+        else:
+            source = self.arrays[index]  # type: ignore[index]
         img = decode_image(source, self.color_mode, max_pixels, name=self.describe(index))
         if self.rotations is not None and self.rotations[index] % 360:
             img = img.rotate(int(self.rotations[index]), expand=True)
@@ -87,6 +97,20 @@ class ImageSplit:
         """int64 array of shape (num_classes,): images per class."""
         return np.bincount(self.labels, minlength=self.num_classes)
 
+    def take(self, indices: list[int] | np.ndarray, name: str | None = None) -> ImageSplit:
+        """The samples at `indices`, in that order, keeping every class and its id."""
+        keep = np.asarray(indices, dtype=np.int64)
+        return ImageSplit(
+            name=name or self.name,
+            class_names=list(self.class_names),
+            labels=self.labels[keep],
+            paths=[self.paths[i] for i in keep] if self.paths is not None else None,
+            arrays=self.arrays[keep] if self.arrays is not None else None,
+            rotations=self.rotations[keep] if self.rotations is not None else None,
+            color_mode=self.color_mode,
+            blobs=[self.blobs[i] for i in keep] if self.blobs is not None else None,
+        )
+
     def subset(self, class_ids: list[int] | np.ndarray, name: str | None = None) -> ImageSplit:
         """The samples of `class_ids`, relabelled 0..len(class_ids)-1 in the given order."""
         class_ids = [int(c) for c in class_ids]
@@ -101,11 +125,13 @@ class ImageSplit:
             arrays=self.arrays[keep] if self.arrays is not None else None,
             rotations=self.rotations[keep] if self.rotations is not None else None,
             color_mode=self.color_mode,
+            blobs=[self.blobs[i] for i in keep] if self.blobs is not None else None,
         )
 
     def fingerprint(self, root: Path | None = None) -> str:
         """sha256 over the class names and, per sample, its label and relative path (or its
-        pixels for in-memory splits). Identifies a split in run folders and bundles."""
+        pixels for in-memory splits, or the sha256 of its encoded bytes for blobs). Identifies
+        a split in run folders and bundles."""
         h = hashlib.sha256()
         h.update("\n".join(self.class_names).encode())
         h.update(self.labels.tobytes())
@@ -113,6 +139,9 @@ class ImageSplit:
             for p in self.paths:
                 rel = p.relative_to(root) if root is not None and p.is_relative_to(root) else p
                 h.update(str(rel).encode() + b"\0")
+        elif self.blobs is not None:
+            for blob in self.blobs:
+                h.update(hashlib.sha256(blob).digest())
         else:
             h.update(np.ascontiguousarray(self.arrays).tobytes())
         if self.rotations is not None:
