@@ -606,6 +606,10 @@ def _restore_hint(path: Path) -> str:
 def _keep_previous(path: Path) -> None:
     """Make `<path>.prev` the current file (hard link, or a copy where links fail), atomically."""
     prev = prev_path(path)
+    if prev.exists() and os.path.samefile(path, prev):
+        # Already linked (a save after a crashed one); rename() between two links of one file
+        # would do nothing and leave the temporary name behind.
+        return
     tmp = path.with_name(f".{prev.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
