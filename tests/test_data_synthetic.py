@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtl_edge.data.synthetic import make_synthetic_split, synthetic_splits, write_class_folders
+from mtl_edge.data.synthetic import (
+    make_synthetic_split,
+    synthetic_split,
+    synthetic_splits,
+    write_class_folders,
+)
 from mtl_edge.errors import DatasetError, MtlEdgeError
 
 
@@ -146,3 +151,16 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 def test_negative_split_size() -> None:
     with pytest.raises(DatasetError, match="val_classes=-1"):
         synthetic_splits(val_classes=-1)
+
+
+def test_single_split_matches_all_splits() -> None:
+    kwargs = {"seed": 4, "size": 16, "train_classes": 3, "val_classes": 2, "test_classes": 2}
+    every = synthetic_splits(per_class=2, **kwargs)
+    for name in ("train", "val", "test"):
+        one = synthetic_split(name, per_class=2, **kwargs)
+        assert one.class_names == every[name].class_names
+        assert np.array_equal(one.arrays, every[name].arrays)
+    with pytest.raises(DatasetError, match="split='dev'"):
+        synthetic_split("dev")
+    with pytest.raises(DatasetError, match="val_classes=0"):
+        synthetic_split("val", val_classes=0)

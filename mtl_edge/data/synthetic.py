@@ -239,6 +239,32 @@ def make_synthetic_split(
     )
 
 
+def synthetic_split(
+    split: str,
+    seed: int = 0,
+    size: int = 84,
+    train_classes: int = DEFAULT_CLASSES["train"],
+    val_classes: int = DEFAULT_CLASSES["val"],
+    test_classes: int = DEFAULT_CLASSES["test"],
+    per_class: int = 60,
+    color_mode: str = "RGB",
+) -> ImageSplit:
+    """One split of `synthetic_splits` (same pixels), without generating the other two."""
+    sizes = {"train": train_classes, "val": val_classes, "test": test_classes}
+    if split not in sizes:
+        raise DatasetError(f"synthetic: split={split!r}; use train, val or test")
+    for name, n in sizes.items():
+        if n < 0:
+            raise DatasetError(f"synthetic: {name}_classes={n} must be >= 0")
+    if sizes[split] == 0:
+        raise DatasetError(f"synthetic: {split}_classes=0; ask for at least one {split} class")
+    names = list(sizes)
+    first = sum(sizes[n] for n in names[: names.index(split)])
+    return make_synthetic_split(
+        sizes[split], per_class, size, seed, color_mode, f"synthetic/{split}", first_class=first
+    )
+
+
 def synthetic_splits(
     seed: int = 0,
     size: int = 84,
