@@ -188,7 +188,7 @@ class Enroller:
         self._check_names([name], append)
         features, sources = self._class_features(name, image_paths, False, "the given files")
         self._commit([(name, features, sources)], append)
-        log.info("enrolled %d images as %r into %s", len(features), name, self.gallery_path)
+        log.debug("enrolled %d images as %r into %s", len(features), name, self.gallery_path)
         return len(features)
 
     def enroll_folder(self, folder: str | Path, append: bool = False) -> dict[str, int]:
@@ -220,7 +220,7 @@ class Enroller:
             batch.append((class_dir.name, features, sources))
         self._commit(batch, append)
         counts = {name: len(features) for name, features, _ in batch}
-        log.info("enrolled %d classes into %s", len(counts), self.gallery_path)
+        log.debug("enrolled %d classes into %s", len(counts), self.gallery_path)
         return counts
 
     # ------------------------------------------------------------- prediction

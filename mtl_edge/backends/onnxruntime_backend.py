@@ -125,7 +125,7 @@ class OnnxRuntimeExtractor:
                 "export the bundle again"
             )
         self.feature_dim = feature_dim
-        log.info(
+        log.debug(
             "onnxruntime %s: %s on %s (threads: %s)",
             ort.__version__,
             Path(model_path).name,
