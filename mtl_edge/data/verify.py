@@ -1,0 +1,393 @@
+"""Check a dataset folder: layout, counts, SHA256SUMS, every image decodes, duplicates.
+
+`verify_dataset(root)` detects the layout (split folders of class folders, one folder of class
+folders, Omniglot sets, or packed tar shards), reads every image once in a process pool
+(hashing and fully decoding it), and returns a `VerifyReport`. Problems that make the data
+unusable or untrustworthy (a missing or corrupt image, a checksum mismatch, an empty class) are
+*errors*; byte-identical duplicates and stray non-image files are *warnings*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_all_start_methods, get_context
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from mtl_edge.atomicio import sha256_file
+from mtl_edge.data.folders import IMAGE_EXTENSIONS, JUNK_FILES, is_hidden, list_class_dirs
+from mtl_edge.errors import DatasetError, ImageError
+from mtl_edge.preprocess import DEFAULT_MAX_PIXELS, decode_image
+
+log = logging.getLogger(__name__)
+
+SPLIT_NAMES = ("train", "val", "test")
+OMNIGLOT_SETS = ("images_background", "images_evaluation")
+SUMS_FILE = "SHA256SUMS"
+
+
+@dataclass
+class SplitCounts:
+    """Counts for one split: classes, images, images per class, image sizes and modes."""
+
+    classes: int = 0
+    images: int = 0
+    min_per_class: int = 0
+    max_per_class: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_dataset` found. `ok` is False when there is any error."""
+
+    root: str
+    layout: str
+    splits: dict[str, SplitCounts]
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    corrupt: list[dict[str, str]] = field(default_factory=list)
+    checksums: dict[str, Any] = field(default_factory=dict)
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+@dataclass(frozen=True)
+class _Entry:
+    split: str
+    cls: str
+    path: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _walk_class(folder: Path, warnings: list[str]) -> list[Path]:
+    """Image files of one class folder; other visible files become warnings."""
+    out = []
+    with os.scandir(folder) as it:
+        for e in sorted(it, key=lambda e: e.name):
+            if is_hidden(e.name) or e.name.lower() in JUNK_FILES:
+                continue
+            if e.is_dir():
+                warnings.append(f"{e.path}: folder inside a class folder, not read")
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(Path(e.path))
+            else:
+                warnings.append(f"{e.path}: not an image by its extension, not read")
+    return out
+
+
+def _class_folder_entries(
+    split: str, folder: Path, errors: list[str], warnings: list[str], depth: int = 1
+) -> list[_Entry]:
+    """Entries below `folder`, whose classes are `depth` folder levels deep."""
+    entries = []
+    class_dirs = [(d.name, d) for d in list_class_dirs(folder)]
+    for _ in range(depth - 1):
+        class_dirs = [(f"{n}/{d.name}", d) for n, p in class_dirs for d in list_class_dirs(p)]
+    if not class_dirs:
+        errors.append(f"{folder}: no class folders")
+    for name, d in class_dirs:
+        files = _walk_class(d, warnings)
+        if not files:
+            errors.append(f"{d}: class folder has no images")
+        entries += [_Entry(split, name, p) for p in files]
+    return entries
+
+
+def detect_layout(root: Path) -> tuple[str, list[tuple[str, Path, int]]]:
+    """Which layout `root` holds.
+
+    Returns:
+        (layout name, [(split name, folder, class depth), ...]) where layout is "splits"
+        (`<root>/<split>/<class>/`), "omniglot" (`<set>/<alphabet>/<character>/`) or
+        "classes" (`<root>/<class>/`).
+    """
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder; pass the dataset folder")
+    if root.name in OMNIGLOT_SETS:
+        return "omniglot", [(root.name, root, 2)]
+    sets = [(s, root / s, 2) for s in OMNIGLOT_SETS if (root / s).is_dir()]
+    if sets:
+        return "omniglot", sets
+    splits = [(s, root / s, 1) for s in SPLIT_NAMES if (root / s).is_dir()]
+    if splits:
+        return "splits", splits
+    if list_class_dirs(root):
+        return "classes", [(root.name, root, 1)]
+    raise DatasetError(
+        f"{root}: no train/val/test, images_background or class folders; "
+        "expected <root>/<split>/<class>/<image> or <root>/<class>/<image>"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SHA256SUMS
+# ---------------------------------------------------------------------------------------------
+
+
+def find_sums(root: Path) -> Path | None:
+    """The nearest SHA256SUMS in `root` or one of its parent folders."""
+    for folder in (root, *root.parents):
+        candidate = folder / SUMS_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_sums(path: Path) -> dict[Path, str]:
+    """Entries of a SHA256SUMS file (`<hex>  <path>` or `<hex> *<path>`), as absolute paths."""
+    out: dict[Path, str] = {}
+    base = Path(os.path.normpath(path.absolute())).parent
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        digest, _, name = line.partition(" ")
+        name = name[1:] if name.startswith(("*", " ")) else name
+        if len(digest) != 64 or not name:
+            raise DatasetError(f"{path}:{n}: expected '<sha256>  <file>', got {line[:80]!r}")
+        out[Path(os.path.normpath(base / name))] = digest.lower()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-file work (runs in worker processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_file(args: tuple[str, str, bool, int]) -> tuple[str, str, str | None, str, str]:
+    """Read, hash and fully decode one image.
+
+    Args:
+        args: (path, color_mode, sha256 wanted, max_pixels).
+
+    Returns:
+        (path, hex digest: sha256 or a faster blake2b, error or None, "WxH", original mode).
+    """
+    path, color_mode, want_sha, max_pixels = args
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return path, "", f"{path}: cannot read ({e.strerror})", "", ""
+    digest = (
+        hashlib.sha256(data).hexdigest()
+        if want_sha
+        else hashlib.blake2b(data, digest_size=16).hexdigest()
+    )
+    try:
+        decode_image(data, color_mode, max_pixels, name=path)
+        with Image.open(io.BytesIO(data)) as img:
+            size, mode = f"{img.width}x{img.height}", img.mode
+    except ImageError as e:
+        return path, digest, str(e), "", ""
+    return path, digest, None, size, mode
+
+
+def _map(fn: Callable[[Any], Any], items: list[Any], workers: int, progress: bool) -> Iterable[Any]:
+    chunk = max(1, min(256, len(items) // (workers * 8) or 1))
+    if workers <= 1 or len(items) < 64:
+        results: Iterable[Any] = map(fn, items)
+        pool = None
+    else:
+        # fork: "spawn" would re-run an unguarded __main__ script in every worker. All workers
+        # start inside pool.map, before the progress bar starts its refresh thread.
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method))
+        results = pool.map(fn, items, chunksize=chunk)
+    try:
+        if progress:
+            from rich.progress import track
+
+            results = track(results, total=len(items), description="verifying", transient=True)
+        yield from results
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify
+# ---------------------------------------------------------------------------------------------
+
+
+def _duplicates(entries: list[_Entry], digests: dict[Path, str]) -> list[dict[str, Any]]:
+    groups: dict[str, list[_Entry]] = defaultdict(list)
+    for e in entries:
+        if digests.get(e.path):
+            groups[digests[e.path]].append(e)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        splits = sorted({m.split for m in members})
+        classes = sorted({f"{m.split}/{m.cls}" for m in members})
+        kind = (
+            "across splits"
+            if len(splits) > 1
+            else ("across classes" if len(classes) > 1 else "within a class")
+        )
+        out.append(
+            {
+                "kind": kind,
+                "splits": splits,
+                "classes": classes,
+                "files": sorted(str(m.path) for m in members),
+            }
+        )
+    return sorted(out, key=lambda d: d["files"])
+
+
+def verify_dataset(
+    root: str | Path,
+    check_hash: bool = True,
+    workers: int | None = None,
+    progress: bool | None = None,
+    color_mode: str = "RGB",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> VerifyReport:
+    """Verify every image under `root`.
+
+    Args:
+        root: dataset folder (see `detect_layout`), or a folder of packed shards.
+        check_hash: compare files against the nearest SHA256SUMS (in `root` or a parent).
+        workers: decoding processes (default: the usable cores).
+        progress: show a progress bar (default: when stderr is a terminal).
+        color_mode: the mode images are decoded to, as training would.
+        max_pixels: images with more pixels are reported (possible decompression bombs).
+    """
+    root = Path(os.path.normpath(Path(root).absolute()))
+    if (root / "index.json").is_file():
+        from mtl_edge.data.shards import verify_shards
+
+        return verify_shards(root)
+    layout, parts = detect_layout(root)
+    errors: list[str] = []
+    warnings: list[str] = []
+    entries: list[_Entry] = []
+    for split, folder, depth in parts:
+        entries += _class_folder_entries(split, folder, errors, warnings, depth)
+    if not entries:
+        raise DatasetError(f"{root}: no images found")
+
+    sums_path = find_sums(root) if check_hash else None
+    sums = read_sums(sums_path) if sums_path else {}
+    workers = workers or len(os.sched_getaffinity(0))
+    show = sys.stderr.isatty() if progress is None else progress
+    jobs = [(str(e.path), color_mode, bool(sums), max_pixels) for e in entries]
+
+    digests: dict[Path, str] = {}
+    corrupt: list[dict[str, str]] = []
+    sizes: dict[str, Counter[str]] = defaultdict(Counter)
+    modes: dict[str, Counter[str]] = defaultdict(Counter)
+    split_of = {e.path: e.split for e in entries}
+    for path_s, digest, error, size, mode in _map(check_file, jobs, workers, show):
+        path = Path(path_s)
+        digests[path] = digest
+        if error:
+            corrupt.append({"path": path_s, "error": error})
+        else:
+            sizes[split_of[path]][size] += 1
+            modes[split_of[path]][mode] += 1
+    for c in corrupt:
+        errors.append(c["error"])
+
+    checksums: dict[str, Any] = {"file": str(sums_path) if sums_path else None}
+    if sums:
+        # Listed files under root that are not images (split CSVs, READMEs) are checked too.
+        under_root = [p for p in sums if p.is_relative_to(root)]
+        for p in under_root:
+            if p not in digests and p.is_file():
+                digests[p] = sha256_file(p)
+        mismatched = sorted(str(p) for p, d in digests.items() if p in sums and d and sums[p] != d)
+        missing = sorted(str(p) for p in under_root if not p.exists())
+        unlisted = sorted(str(p) for p in digests if p not in sums)
+        checksums.update(
+            checked=sum(1 for p in digests if p in sums),
+            mismatched=mismatched,
+            missing=missing,
+            unlisted=len(unlisted),
+        )
+        errors += [f"{p}: sha256 differs from {sums_path}" for p in mismatched]
+        errors += [f"{p}: listed in {sums_path} but missing" for p in missing]
+        if unlisted:
+            warnings.append(f"{len(unlisted)} images not listed in {sums_path}, e.g. {unlisted[0]}")
+
+    duplicates = _duplicates(entries, digests)
+    for d in duplicates:
+        warnings.append(f"byte-identical images ({d['kind']}): {', '.join(d['files'])}")
+
+    counts: dict[str, SplitCounts] = {}
+    for split, _, _ in parts:
+        per_class = Counter(e.cls for e in entries if e.split == split)
+        counts[split] = SplitCounts(
+            classes=len(per_class),
+            images=sum(per_class.values()),
+            min_per_class=min(per_class.values(), default=0),
+            max_per_class=max(per_class.values(), default=0),
+            sizes=dict(sizes[split].most_common()),
+            modes=dict(modes[split].most_common()),
+        )
+    return VerifyReport(
+        root=str(root),
+        layout=layout,
+        splits=counts,
+        errors=errors,
+        warnings=warnings,
+        corrupt=corrupt,
+        checksums=checksums,
+        duplicates=duplicates,
+    )
+
+
+def format_report(report: VerifyReport, max_lines: int = 20) -> str:
+    """Human-readable summary: a line per split, then errors and warnings (capped)."""
+    lines = [f"{report.root}: layout {report.layout}"]
+    for name, c in report.splits.items():
+        sizes = ", ".join(f"{s} ({n})" for s, n in list(c.sizes.items())[:3])
+        modes = ", ".join(f"{m} ({n})" for m, n in c.modes.items())
+        per = (
+            f"{c.min_per_class}"
+            if c.min_per_class == c.max_per_class
+            else f"{c.min_per_class}-{c.max_per_class}"
+        )
+        lines.append(
+            f"  {name}: {c.classes} classes, {c.images} images ({per} per class); "
+            f"sizes {sizes or '-'}; modes {modes or '-'}"
+        )
+    cs = report.checksums
+    if cs.get("file"):
+        lines.append(
+            f"  checksums: {cs.get('checked', 0)} files checked against {cs['file']}: "
+            f"{len(cs.get('mismatched', []))} mismatched, {len(cs.get('missing', []))} missing"
+        )
+    else:
+        lines.append("  checksums: no SHA256SUMS found (or --no-hash)")
+    for title, items in (("error", report.errors), ("warning", report.warnings)):
+        for item in items[:max_lines]:
+            lines.append(f"{title}: {item}")
+        if len(items) > max_lines:
+            lines.append(f"{title}: ... and {len(items) - max_lines} more (see --json)")
+    lines.append("OK" if report.ok else f"FAILED: {len(report.errors)} error(s), see above")
+    return "\n".join(lines)
