@@ -155,7 +155,8 @@ class TensorRTExtractor:
         self.precision = precision
         self._stream = _check(cudart, cudart.cudaStreamCreate(), "stream creation")
         self._capacity = 0
-        self._d_in = self._d_out = None
+        self._d_in: Any = None  # device pointers from cudaMalloc
+        self._d_out: Any = None
         _, props = cudart.cudaGetDeviceProperties(0)
         gpu = props.name.decode(errors="replace") if isinstance(props.name, bytes) else props.name
         self.provider = f"TensorRT {trt.__version__} on {gpu}"
@@ -200,7 +201,7 @@ class TensorRTExtractor:
             ),
             "copy to device",
         )
-        if not self._context.execute_async_v3(self._stream):
+        if not self._context.execute_async_v3(int(self._stream)):
             raise MtlEdgeError("TensorRT execute_async_v3 failed; see the TensorRT log above")
         _check(
             cudart,
