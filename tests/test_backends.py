@@ -14,6 +14,7 @@ from device_fixtures import IMAGE_SIZE, make_bundle
 from mtl_edge.backends import available_backends, create_backend
 from mtl_edge.backends.onnxruntime_backend import OnnxRuntimeExtractor
 from mtl_edge.backends.select import resolve_variant
+from mtl_edge.bundle import Bundle
 from mtl_edge.errors import BundleError, ConfigError, UnavailableError
 from mtl_edge.preprocess import load_images
 
@@ -175,3 +176,178 @@ def test_fake_tensorrt_module_does_not_count_without_cuda(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
     reason = available_backends()["tensorrt"]
     assert reason is not None and "cuda-python" in reason
+
+
+# --- the TensorRT runtime's Python logic against fake tensorrt / cuda-python modules ---------
+# This checks our side (engine lookup and build, tensor names, shapes, chunking, buffers and
+# copies), not TensorRT itself: the fakes follow the documented API, nothing here ran on a GPU.
+
+
+class _FakeCudart(types.ModuleType):
+    """cuda-python's runtime API on host memory: pointers index a dict of bytearrays."""
+
+    class cudaError_t:  # noqa: N801 - mirrors cuda-python's name
+        cudaSuccess = 0
+
+    class cudaMemcpyKind:  # noqa: N801
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self) -> None:
+        super().__init__("cuda.bindings.runtime")
+        self.memory: dict[int, bytearray] = {}
+        self.freed: list[int] = []
+
+    def cudaMalloc(self, n: int):  # noqa: N802
+        ptr = 4096 * (len(self.memory) + 1)
+        self.memory[ptr] = bytearray(n)
+        return 0, ptr
+
+    def cudaFree(self, ptr: int):  # noqa: N802
+        self.freed.append(ptr)
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
+        import ctypes
+
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            self.memory[dst][:n] = ctypes.string_at(src, n)
+        else:
+            ctypes.memmove(dst, bytes(self.memory[src][:n]), n)
+        return (0,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return 0, 7
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        return (0,)
+
+    def cudaGetDeviceCount(self):  # noqa: N802
+        return 0, 1
+
+    def cudaGetDeviceProperties(self, index: int):  # noqa: N802
+        return 0, types.SimpleNamespace(name=b"FakeGPU")
+
+
+def _fake_tensorrt(cudart: _FakeCudart, onnx_path: Path, max_batch: int) -> types.ModuleType:
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0"
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.nptype = lambda dtype: np.float32
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    shapes: list[tuple[int, ...]] = []
+
+    class Context:
+        def __init__(self) -> None:
+            self.addr: dict[str, int] = {}
+            self.shape: tuple[int, ...] = ()
+
+        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+            shapes.append(tuple(shape))
+            self.shape = tuple(shape)
+            return name == "images" and 1 <= shape[0] <= max_batch
+
+        def set_tensor_address(self, name: str, ptr: int) -> None:
+            self.addr[name] = ptr
+
+        def execute_async_v3(self, stream: int) -> bool:
+            n = int(np.prod(self.shape)) * 4
+            x = np.frombuffer(bytes(cudart.memory[self.addr["images"]][:n]), np.float32)
+            y = session.run(None, {"images": x.reshape(self.shape)})[0]
+            cudart.memory[self.addr["features"]][: y.nbytes] = y.tobytes()
+            return True
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i: int) -> str:
+            return ["images", "features"][i]
+
+        def get_tensor_mode(self, name: str) -> str:
+            return "in" if name == "images" else "out"
+
+        def get_tensor_dtype(self, name: str) -> str:
+            return "float"
+
+        def get_tensor_profile_shape(self, name: str, profile: int):
+            return [(1, 3, 16, 16), (max_batch, 3, 16, 16), (max_batch, 3, 16, 16)]
+
+        def create_execution_context(self) -> Context:
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, data: bytes):
+            return Engine() if data == b"fake engine" else None
+
+    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    trt.Runtime = Runtime
+    trt.shapes = shapes
+    return trt
+
+
+@pytest.fixture
+def fake_trt(tmp_path: Path, monkeypatch):
+    bundle = make_bundle(tmp_path / "b")
+    cudart = _FakeCudart()
+    trt = _fake_tensorrt(cudart, bundle.variant_path(), max_batch=4)
+    cuda_pkg = types.ModuleType("cuda")
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    cuda_pkg.bindings = bindings
+    builds: list[str] = []
+
+    def build_engine(b, variant, **kwargs):
+        builds.append(variant)
+        entry = {"file": f"engines/{variant}-FakeGPU.plan", "variant": variant, "key": "FakeGPU"}
+        b.add_files({entry["file"]: b"fake engine"}, {"engines": [entry]})
+
+    trt_build = types.ModuleType("mtl_edge.backends.trt_build")
+    trt_build.engine_key = lambda: "FakeGPU"
+    trt_build.build_engine = build_engine
+    for name, module in {
+        "tensorrt": trt,
+        "cuda": cuda_pkg,
+        "cuda.bindings": bindings,
+        "cuda.bindings.runtime": cudart,
+        "mtl_edge.backends.trt_build": trt_build,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    import mtl_edge.backends as backends_pkg
+
+    monkeypatch.setattr(backends_pkg, "trt_build", trt_build, raising=False)
+    return types.SimpleNamespace(bundle=bundle, cudart=cudart, trt=trt, builds=builds)
+
+
+def test_tensorrt_runtime_logic_with_fakes(fake_trt) -> None:
+    assert available_backends()["tensorrt"] is None
+    extractor = create_backend("tensorrt", fake_trt.bundle, batch_size=32)
+    assert fake_trt.builds == ["fp32"]  # no engine for this GPU: built once and stored
+    assert extractor.provider == "TensorRT 10.3.0 on FakeGPU" and extractor.batch_size == 4
+    images = _images(10, seed=3)
+    features = extractor.extract(images)
+    np.testing.assert_allclose(features, _reference(fake_trt.bundle, images), atol=1e-6)
+    assert fake_trt.trt.shapes == [(4, 3, 16, 16), (4, 3, 16, 16), (2, 3, 16, 16)]
+    # the stored engine is found next time, no rebuild
+    create_backend("tensorrt", Bundle.load(fake_trt.bundle.root))
+    assert fake_trt.builds == ["fp32"]
+    extractor.close()
+    assert len(fake_trt.cudart.freed) == 2
+
+
+def test_auto_prefers_tensorrt_and_falls_back(fake_trt, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="mtl_edge.backends.select"):
+        assert create_backend("auto", fake_trt.bundle).name == "tensorrt"
+    assert "backend auto: tensorrt" in caplog.text
+    entry = Bundle.load(fake_trt.bundle.root).manifest["engines"][0]
+    (fake_trt.bundle.root / entry["file"]).write_bytes(b"corrupt engine")
+    bundle = Bundle.load(fake_trt.bundle.root, verify=False)
+    with caplog.at_level(logging.WARNING):
+        extractor = create_backend("auto", bundle)
+    assert extractor.name == "onnxruntime"
+    assert "tensorrt failed" in caplog.text and "cannot deserialize" in caplog.text
