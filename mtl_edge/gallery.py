@@ -188,7 +188,12 @@ class Gallery:
             )
         if not np.all(np.isfinite(x)):
             raise GalleryError("features contain NaN or infinity; check the backbone and images")
-        return x.astype(self.feature_dtype)
+        stored = x.astype(self.feature_dtype)
+        if not np.all(np.isfinite(stored)):
+            raise GalleryError(
+                "features exceed the float16 range; create the gallery with --feature-dtype float32"
+            )
+        return stored
 
     @staticmethod
     def _sources(sources: Sequence[dict[str, str] | None] | None, n: int) -> list:

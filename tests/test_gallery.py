@@ -110,6 +110,8 @@ def test_class_operations() -> None:
         g.add_class("dog", np.ones((2, 5)))
     with pytest.raises(GalleryError, match=r"expected \(n >= 1"):
         g.add_class("dog", np.ones((0, DIM)))
+    with pytest.raises(GalleryError, match="float16 range"):
+        g.add_class("dog", np.full((1, DIM), 1e6))
 
 
 def test_adding_a_class_refits_from_stored_features_only() -> None:
