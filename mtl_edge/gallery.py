@@ -188,12 +188,11 @@ class Gallery:
             )
         if not np.all(np.isfinite(x)):
             raise GalleryError("features contain NaN or infinity; check the backbone and images")
-        stored = x.astype(self.feature_dtype)
-        if not np.all(np.isfinite(stored)):
+        if self.feature_dtype == "float16" and np.abs(x).max() > np.finfo(np.float16).max:
             raise GalleryError(
                 "features exceed the float16 range; create the gallery with --feature-dtype float32"
             )
-        return stored
+        return x.astype(self.feature_dtype)
 
     @staticmethod
     def _sources(sources: Sequence[dict[str, str] | None] | None, n: int) -> list:
