@@ -152,3 +152,28 @@ def register(app: typer.Typer, name: str) -> None:
         if out is not None:
             lines.append(f"saved: {out}")
         typer.echo("\n".join(lines))
+
+    @group.command("pack")
+    def pack(
+        root: Path = typer.Argument(..., help="Dataset folder (or 'synthetic')."),
+        split: str = typer.Option("train", "--split", help="Split to pack."),
+        out: Path = typer.Option(..., "--out", help="Shard folder to create."),
+        max_mib: float = typer.Option(60.0, "--max-mib", help="Size limit of one shard (MiB)."),
+        kind: str = typer.Option("auto", "--kind", help=AUTO_HELP),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print the shard index as JSON."),
+    ) -> None:
+        """Pack a split into tar shards (original image bytes + class) with a sha256 index."""
+        from mtl_edge.data.shards import pack_split
+
+        data = open_dataset(kind, root, split)
+        index = pack_split(data, out, max_mib=max_mib, force=force)
+        if as_json:
+            typer.echo(json.dumps(index, indent=2))
+            return
+        sizes = [s["bytes"] for s in index["shards"]]
+        typer.echo(
+            f"{data.name}: {index['num_samples']} images of {len(index['class_names'])} classes "
+            f"in {len(sizes)} shard(s) of at most {max(sizes) / 2**20:.1f} MiB "
+            f"({sum(sizes) / 2**20:.1f} MiB in all) -> {out}"
+        )

@@ -196,13 +196,24 @@ def check_file(args: tuple[str, str, bool, int]) -> tuple[str, str, str | None, 
         if want_sha
         else hashlib.blake2b(data, digest_size=16).hexdigest()
     )
+    error, size, mode = check_bytes(data, path, color_mode, max_pixels)
+    return path, digest, error, size, mode
+
+
+def check_bytes(
+    data: bytes, name: str, color_mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[str | None, str, str]:
+    """Fully decode an encoded image as training would.
+
+    Returns:
+        (error message naming `name`, or None; "WxH"; the file's own Pillow mode).
+    """
     try:
-        decode_image(data, color_mode, max_pixels, name=path)
+        decode_image(data, color_mode, max_pixels, name=name)
         with Image.open(io.BytesIO(data)) as img:
-            size, mode = f"{img.width}x{img.height}", img.mode
+            return None, f"{img.width}x{img.height}", img.mode
     except ImageError as e:
-        return path, digest, str(e), "", ""
-    return path, digest, None, size, mode
+        return str(e), "", ""
 
 
 def _map(fn: Callable[[Any], Any], items: list[Any], workers: int, progress: bool) -> Iterable[Any]:
@@ -281,7 +292,7 @@ def verify_dataset(
     if (root / "index.json").is_file():
         from mtl_edge.data.shards import verify_shards
 
-        return verify_shards(root)
+        return verify_shards(root, color_mode, max_pixels)
     layout, parts = detect_layout(root)
     errors: list[str] = []
     warnings: list[str] = []
