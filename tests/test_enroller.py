@@ -168,3 +168,35 @@ def test_progress_is_reported(setup) -> None:
     enroller = _enroller(bundle, gallery, progress=lambda d, t: seen.append((d, t)))
     enroller.enroll_class("red", sorted((photos / "red").glob("*.jpg")))
     assert seen[-1] == (4, 4) and len(seen) == 4
+
+
+def test_new_class_extracts_only_its_own_images(setup, tmp_path: Path) -> None:
+    bundle, photos, gallery = setup
+    enroller = _enroller(bundle, gallery)
+    enroller.enroll_folder(photos)
+    seen: list[int] = []
+    real = enroller.extractor.extract
+
+    def counting(images: np.ndarray) -> np.ndarray:
+        seen.append(len(images))
+        return real(images)
+
+    enroller.extractor.extract = counting  # type: ignore[method-assign]
+    yellow = [make_image(tmp_path / "y" / f"{i}.jpg", COLOURS["yellow"], seed=i) for i in range(3)]
+    enroller.enroll_class("yellow", yellow)
+    assert sum(seen) == 3
+    g = Gallery.load(gallery)
+    assert g.head is not None and g.head.ways == 4 and len(g.features_and_labels()[1]) == 15
+
+
+def test_predict_accepts_arrays_and_bytes(setup) -> None:
+    bundle, photos, gallery = setup
+    enroller = _enroller(bundle, gallery)
+    enroller.enroll_folder(photos)
+    path = photos / "green" / "2.jpg"
+    from PIL import Image
+
+    array = np.asarray(Image.open(path).convert("RGB"))
+    preds = enroller.predict([path, path.read_bytes(), array], threshold=0.0)
+    assert [p.label for p in preds] == ["green"] * 3
+    assert preds[0].probability == pytest.approx(preds[1].probability, abs=1e-6)
