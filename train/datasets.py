@@ -344,7 +344,7 @@ def read_csv_split(
     split_obj = ImageSplit(
         name=f"{root.name}/{split}",
         class_names=class_names,
-        labels=labels,
+        labels=np.asarray(labels, dtype=np.int64),
         paths=paths,
         color_mode=color_mode,
     )
@@ -476,7 +476,7 @@ def read_omniglot(
     return ImageSplit(
         name=name or f"omniglot/{which.removeprefix('images_')}",
         class_names=class_names,
-        labels=labels,
+        labels=np.asarray(labels, dtype=np.int64),
         paths=paths,
         rotations=np.asarray(rots, dtype=np.int64) if degrees != [0] else None,
         color_mode=color_mode,

@@ -162,7 +162,11 @@ def _read_classes(
         class_names.append(class_name)
         paths += files
     return ImageSplit(
-        name=name, class_names=class_names, labels=labels, paths=paths, color_mode=color_mode
+        name=name,
+        class_names=class_names,
+        labels=np.asarray(labels, dtype=np.int64),
+        paths=paths,
+        color_mode=color_mode,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,9 @@ def pack_split(
             "shards": shards,
         }
         atomic_write_json(stage / INDEX, index)
+        # The staging folder and temp files are private (0700 / 0600); a dataset is not.
+        os.chmod(stage / INDEX, 0o644)
+        os.chmod(stage, 0o755)
     return index
 
 
@@ -189,13 +193,13 @@ def _read_tar(path: Path, n_classes: int) -> list[tuple[int, bytes, int, int | N
             for m in tar:
                 if not m.isfile():
                     continue
-                key, _, ext = m.name.partition(".")
+                stem, _, ext = m.name.partition(".")
                 f = tar.extractfile(m)
                 assert f is not None
-                samples.setdefault(int(key), {})[ext] = f.read()
+                samples.setdefault(int(stem), {})[ext] = f.read()
     except (tarfile.TarError, ValueError, OSError) as e:
         raise DatasetError(f"{path}: not a readable shard ({e}); re-pack it") from None
-    out = []
+    out: list[tuple[int, bytes, int, int | None]] = []
     for key in sorted(samples):
         parts = samples[key]
         images = [e for e in parts if e not in ("cls", "rot")]
@@ -243,7 +247,7 @@ def read_shards(
     return ImageSplit(
         name=str(index.get("name", folder.name)),
         class_names=class_names,
-        labels=labels,
+        labels=np.asarray(labels, dtype=np.int64),
         blobs=blobs,
         rotations=np.asarray(rots, dtype=np.int64) if index.get("rotations") else None,
         color_mode=color_mode or str(index.get("color_mode", "RGB")),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,4 +316,5 @@ def write_class_folders(split: ImageSplit, root: str | Path, force: bool = False
                 buf = io.BytesIO()
                 Image.fromarray(split.arrays[i]).save(buf, format="PNG")
                 (folder / f"{k:04d}.png").write_bytes(buf.getvalue())
+        os.chmod(stage, 0o755)  # the staging folder is created private (0700)
     return root
