@@ -55,9 +55,11 @@ FEATURE_DTYPES = ("float16", "float32")
 #: the process mid-save. Unset in normal use.
 SAVE_PAUSE_ENV = "MTL_EDGE_GALLERY_SAVE_PAUSE"
 #: Upper bounds on the refits that threshold calibration runs (leave-one-example-out and
-#: leave-one-class-out), so calibration stays under a second on a few hundred images.
+#: leave-one-class-out). Large galleries get fewer folds (never under 4 and 2), so that all
+#: folds together cost about CALIBRATION_BUDGET multiply-adds (~2 s on one core).
 MAX_KNOWN_FOLDS = 24
 MAX_UNKNOWN_FOLDS = 8
+CALIBRATION_BUDGET = 3e9
 _NAME_RE = re.compile(r"^[^\x00-\x1f/\\]{1,200}$")
 
 
@@ -314,15 +316,18 @@ class Gallery:
         of a class held out entirely (needs 3 classes, so that 2 remain). With both, the
         threshold maximises the balanced accuracy (known accepted + unknown rejected) / 2, ties
         to the lowest; with known scores only, it is their 5th percentile; otherwise 0 (no
-        rejection). Folds are spread evenly and capped (MAX_KNOWN_FOLDS, MAX_UNKNOWN_FOLDS).
+        rejection). Folds are spread evenly and capped (MAX_KNOWN_FOLDS, MAX_UNKNOWN_FOLDS, fewer
+        for large galleries: CALIBRATION_BUDGET).
         """
         ways = len(self.classes)
+        fit_cost = 2.0 * x.size * ways * max(self.recipe.steps, 1)
+        scale = min(1.0, CALIBRATION_BUDGET / (fit_cost * (MAX_KNOWN_FOLDS + MAX_UNKNOWN_FOLDS)))
+        max_known = max(4, int(MAX_KNOWN_FOLDS * scale))
+        max_unknown = max(2, int(MAX_UNKNOWN_FOLDS * scale))
         counts = np.bincount(y, minlength=ways)
         candidates = np.flatnonzero(counts[y] >= 2) if ways >= 2 else np.zeros(0, np.int64)
-        if len(candidates) > MAX_KNOWN_FOLDS:
-            candidates = candidates[
-                np.linspace(0, len(candidates) - 1, MAX_KNOWN_FOLDS).astype(int)
-            ]
+        if len(candidates) > max_known:
+            candidates = candidates[np.linspace(0, len(candidates) - 1, max_known).astype(int)]
         known = []
         for i in candidates:
             keep = np.arange(len(y)) != i
@@ -330,7 +335,7 @@ class Gallery:
             known.append(float(predict_proba(x[i : i + 1], head).max()))
         unknown = []
         if ways >= 3:
-            held = np.linspace(0, ways - 1, min(ways, MAX_UNKNOWN_FOLDS)).astype(int)
+            held = np.linspace(0, ways - 1, min(ways, max_unknown)).astype(int)
             for c in np.unique(held):
                 keep = y != c
                 relabel = np.where(y[keep] > c, y[keep] - 1, y[keep])

@@ -288,3 +288,14 @@ def test_two_processes_enrolling_at_once_lose_nothing(tmp_path: Path) -> None:
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     names = set(Gallery.load(path).class_names)
     assert names == {f"{p}{i}" for p in "ab" for i in range(8)}
+
+
+def test_calibration_folds_shrink_for_large_galleries(monkeypatch) -> None:
+    import mtl_edge.gallery as gallery_module
+
+    g = _gallery(ways=6, shots=5)
+    g.fit()
+    assert g.calibration["known"] == 24
+    monkeypatch.setattr(gallery_module, "CALIBRATION_BUDGET", 1.0)
+    g.fit()
+    assert g.calibration["known"] == 4 and g.calibration["unknown"] == 2 * 5
