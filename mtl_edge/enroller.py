@@ -26,7 +26,7 @@ from mtl_edge.atomicio import file_lock, sha256_file
 from mtl_edge.backends.base import FeatureExtractor
 from mtl_edge.bundle import Bundle
 from mtl_edge.errors import DatasetError, GalleryError, ImageError
-from mtl_edge.gallery import Gallery, Prediction, edit_gallery, lock_path
+from mtl_edge.gallery import Gallery, Prediction, check_class_name, edit_gallery, lock_path
 from mtl_edge.preprocess import decode_image, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ class Enroller:
         """Fail fast, before the slow extraction, on duplicate or missing names."""
         enrolled = set(self.load_gallery().class_names) if self.gallery_path.exists() else set()
         for name in names:
+            check_class_name(name)
             if append and name not in enrolled:
                 raise GalleryError(f"--append: no class {name!r} in {self.gallery_path} yet")
             if not append and name in enrolled:

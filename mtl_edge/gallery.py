@@ -105,7 +105,8 @@ def prev_path(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def _check_name(name: str) -> str:
+def check_class_name(name: str) -> str:
+    """`name` if it is a valid class name, else GalleryError saying why."""
     if not isinstance(name, str) or not _NAME_RE.match(name) or name != name.strip():
         raise GalleryError(
             f"class name {name!r}: use 1-200 printable characters, no slashes and no leading or "
@@ -211,7 +212,7 @@ class Gallery:
         sources: Sequence[dict[str, str] | None] | None = None,
     ) -> None:
         """Enroll a new class from features of shape (n, D); `sources` are {path, sha256}."""
-        _check_name(name)
+        check_class_name(name)
         if name in self.classes:
             raise GalleryError(
                 f"class {name!r} is already enrolled; add images to it with --append "
@@ -241,7 +242,7 @@ class Gallery:
 
     def rename_class(self, old: str, new: str) -> None:
         self._get(old)
-        _check_name(new)
+        check_class_name(new)
         if new in self.classes:
             raise GalleryError(
                 f"class {new!r} is already enrolled; remove it first or pick another"

@@ -200,3 +200,13 @@ def test_predict_accepts_arrays_and_bytes(setup) -> None:
     preds = enroller.predict([path, path.read_bytes(), array], threshold=0.0)
     assert [p.label for p in preds] == ["green"] * 3
     assert preds[0].probability == pytest.approx(preds[1].probability, abs=1e-6)
+
+
+def test_invalid_class_name_fails_before_extraction(setup, tmp_path: Path) -> None:
+    bundle, _, gallery = setup
+    photos = make_class_folders(tmp_path / "p", ("red",), per_class=1)
+    (photos / "red").rename(photos / "unknown")
+    enroller = _enroller(bundle, gallery)
+    with pytest.raises(GalleryError, match="reserved"):
+        enroller.enroll_folder(photos)
+    assert enroller._extractor is None and not gallery.exists()
