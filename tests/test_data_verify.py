@@ -230,7 +230,7 @@ def test_episodes_command(
     assert 0 < stats["image_coverage"] <= 1
     episodes, meta = load_episodes(out_file)
     assert len(episodes) == 20 and meta["seed"] == 4 and meta["ways"] == 3
-    assert meta["fingerprint"] == stats["fingerprint"]
+    assert meta["fingerprint"] == stats["fingerprint"] and meta["kind"] == "folders"
     code, text, _ = run(
         capsys,
         "data",
@@ -275,3 +275,44 @@ def test_real_miniimagenet_val_counts(shared_data: Path) -> None:
     assert report.splits["val"].sizes == {"84x84": 9600}
     assert report.checksums["checked"] == 9600 and report.checksums["mismatched"] == []
     assert report.duplicates == []
+
+
+def _csv_for(root: Path, split: str, drop: int = 0) -> Path:
+    rows = ["filename,label"]
+    for p in sorted((root / split).rglob("*.png"))[drop:]:
+        rows.append(f"{p.name},{p.parent.name}")
+    (root / "splits").mkdir(exist_ok=True)
+    (root / "splits" / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root / "splits" / f"{split}.csv"
+
+
+def test_split_files_cross_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _dataset(tmp_path)
+    _csv_for(root, "train")
+    report = verify_dataset(root, workers=1, progress=False)
+    assert report.ok and not report.warnings
+    assert report.split_files["train"]["listed"] == 9
+    assert report.split_files["train"]["not_in_csv"] == 0
+    code, out, _ = run(capsys, "data", "verify", str(root))
+    assert code == 0 and "9 images listed, the same as the folders" in out
+    _csv_for(root, "val", drop=1)  # the CSV misses one image of the folders
+    report = verify_dataset(root, workers=1, progress=False)
+    assert report.ok and report.split_files["val"]["not_in_csv"] == 1
+    assert any("lists 5 images, the val folders hold 6" in w for w in report.warnings)
+
+
+def test_csv_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """images/ flat + splits/*.csv: the CSV decides splits and classes."""
+    root = tmp_path / "mini"
+    rows = ["filename,label"]
+    for i in range(6):
+        _image(root / "images" / f"n0{i % 2}_{i}.png", i)
+        rows.append(f"n0{i % 2}_{i}.png,n0{i % 2}")
+    (root / "splits").mkdir()
+    (root / "splits" / "test.csv").write_text("\n".join(rows) + "\n")
+    report = verify_dataset(root, workers=1, progress=False)
+    assert report.ok and report.layout == "csv"
+    assert report.splits["test"].classes == 2 and report.splits["test"].images == 6
+    (root / "images" / "n01_3.png").unlink()
+    code, out, _ = run(capsys, "data", "verify", str(root))
+    assert code == 1 and "n01_3.png: listed in" in out

@@ -21,7 +21,6 @@ never run code.
 
 from __future__ import annotations
 
-import csv
 import inspect
 import logging
 import pickle
@@ -36,7 +35,9 @@ from mtl_edge.data.folders import (
     check_on_error,
     images_in,
     list_class_dirs,
+    locate_csv_images,
     read_class_folders,
+    read_split_csv,
 )
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.data.synthetic import synthetic_split
@@ -262,23 +263,6 @@ def _find_csv(root: Path, split: str, csv_file: Path | None) -> Path:
     raise DatasetError(f"{split}: no split file (tried {tried}); pass csv_file= or fix the root")
 
 
-def _read_csv_rows(path: Path) -> list[tuple[str, str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["filename", "label"]:
-        raise DatasetError(f"{path}: first line must be the header 'filename,label'")
-    out = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise DatasetError(f"{path}:{line}: expected 'filename,label', got {','.join(row)!r}")
-        out.append((row[0].strip(), row[1].strip()))
-    if not out:
-        raise DatasetError(f"{path}: lists no images")
-    return out
-
-
 def read_csv_split(
     root: str | Path,
     split: str,
@@ -308,29 +292,12 @@ def read_csv_split(
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder; check the dataset root")
     path = _find_csv(root, split, Path(csv_file) if csv_file else None)
-    rows = _read_csv_rows(path)
-    layouts: list[Callable[[str, str], Path]] = (
-        [lambda f, _label: Path(images) / f]  # type: ignore[arg-type]
-        if images
-        else [
-            lambda f, _label: root / "images" / f,
-            lambda f, label: root / split / label / f,
-            lambda f, label: root / label / f,
-        ]
-    )
-    first_file, first_label = rows[0]
-    locate = next((lay for lay in layouts if lay(first_file, first_label).is_file()), None)
-    if locate is None:
-        tried = ", ".join(str(lay(first_file, first_label)) for lay in layouts)
-        raise DatasetError(
-            f"{path}: cannot find its first image {first_file!r} (tried {tried}); "
-            "pass images= with the folder that holds the files"
-        )
+    rows = read_split_csv(path)
+    located = locate_csv_images(root, split, rows, path, Path(images) if images else None)
     class_names = sorted({label for _, label in rows})
     ids = {name: i for i, name in enumerate(class_names)}
     paths, labels, missing = [], [], []
-    for file, label in rows:
-        p = locate(file, label)
+    for (_, label), p in zip(rows, located, strict=True):
         if p.is_file():
             paths.append(p)
             labels.append(ids[label])

@@ -39,13 +39,18 @@ def detect_kind(root: Path, split: str) -> str:
     )
 
 
+def resolve_kind(kind: str, root: Path, split: str) -> str:
+    """`kind`, with "auto" replaced by the detected layout ("synthetic" for ROOT `synthetic`)."""
+    if kind != "auto":
+        return kind
+    return "synthetic" if str(root) == "synthetic" else detect_kind(root, split)
+
+
 def open_dataset(kind: str, root: Path, split: str, **options: Any) -> Any:
     """`open_split` with `kind="auto"` resolved; imported lazily (no torch either way)."""
     from mtl_edge.train.datasets import open_split
 
-    if kind == "auto":
-        kind = "synthetic" if str(root) == "synthetic" else detect_kind(root, split)
-    return open_split(kind, root, split, **options)
+    return open_split(resolve_kind(kind, root, split), root, split, **options)
 
 
 def episode_stats(split: Any, episodes: list[Any]) -> dict[str, Any]:
@@ -125,6 +130,7 @@ def register(app: typer.Typer, name: str) -> None:
 
         if count < 1:
             raise DatasetError(f"--episodes={count}: need at least 1")
+        kind = resolve_kind(kind, root, split)
         data = open_dataset(kind, root, split)
         sampler = EpisodeSampler.for_split(data, ways, shots, queries, seed)
         eps = sampler.episodes(count)

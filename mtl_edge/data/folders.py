@@ -1,4 +1,5 @@
-"""Read a folder of class folders: `<root>/<split>/<class>/<image>` or a user's `<dir>/<class>/`.
+"""Read a folder of class folders: `<root>/<split>/<class>/<image>` or a user's `<dir>/<class>/`,
+and find the images a `filename,label` split file lists.
 
 This is the layout of the official MTL code (miniImageNet `train/`, `val/`, `test/`), of
 tieredImageNet unpacked to folders, and of the photos a user enrolls on the device. Classes and
@@ -8,9 +9,10 @@ leading "."), and the junk files operating systems drop into folders, are ignore
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +248,59 @@ def read_user_folder(
         validate=validate,
         max_pixels=max_pixels,
     )
+
+
+def read_split_csv(path: Path) -> list[tuple[str, str]]:
+    """Rows of a `filename,label` split file (Ravi & Larochelle), header checked.
+
+    Raises:
+        DatasetError: naming the file (and line) for a wrong header, a malformed row, no rows.
+    """
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{path}: cannot read split file ({e})") from None
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["filename", "label"]:
+        raise DatasetError(f"{path}: first line must be the header 'filename,label'")
+    out = []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise DatasetError(f"{path}:{line}: expected 'filename,label', got {','.join(row)!r}")
+        out.append((row[0].strip(), row[1].strip()))
+    if not out:
+        raise DatasetError(f"{path}: lists no images")
+    return out
+
+
+def locate_csv_images(
+    root: Path,
+    split: str,
+    rows: Sequence[tuple[str, str]],
+    csv_path: Path,
+    images: Path | None = None,
+) -> list[Path]:
+    """Where the files of a split CSV are: `images/` if given, else the first of
+    `<root>/images/<file>` (flat), `<root>/<split>/<label>/<file>`, `<root>/<label>/<file>`
+    that holds the first row's file. Returned paths may not exist (missing files).
+    """
+    layouts: list[Callable[[str, str], Path]] = (
+        [lambda f, _label: images / f]  # type: ignore[operator]
+        if images is not None
+        else [
+            lambda f, _label: root / "images" / f,
+            lambda f, label: root / split / label / f,
+            lambda f, label: root / label / f,
+        ]
+    )
+    first_file, first_label = rows[0]
+    locate = next((lay for lay in layouts if lay(first_file, first_label).is_file()), None)
+    if locate is None:
+        tried = ", ".join(str(lay(first_file, first_label)) for lay in layouts)
+        raise DatasetError(
+            f"{csv_path}: cannot find its first image {first_file!r} (tried {tried}); "
+            "pass the folder that holds the files"
+        )
+    return [locate(f, label) for f, label in rows]

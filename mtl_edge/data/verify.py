@@ -25,7 +25,14 @@ from typing import Any
 from PIL import Image
 
 from mtl_edge.atomicio import sha256_file
-from mtl_edge.data.folders import IMAGE_EXTENSIONS, JUNK_FILES, is_hidden, list_class_dirs
+from mtl_edge.data.folders import (
+    IMAGE_EXTENSIONS,
+    JUNK_FILES,
+    is_hidden,
+    list_class_dirs,
+    locate_csv_images,
+    read_split_csv,
+)
 from mtl_edge.errors import DatasetError, ImageError
 from mtl_edge.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
@@ -60,6 +67,7 @@ class VerifyReport:
     corrupt: list[dict[str, str]] = field(default_factory=list)
     checksums: dict[str, Any] = field(default_factory=dict)
     duplicates: list[dict[str, Any]] = field(default_factory=list)
+    split_files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -121,12 +129,15 @@ def detect_layout(root: Path) -> tuple[str, list[tuple[str, Path, int]]]:
     """Which layout `root` holds.
 
     Returns:
-        (layout name, [(split name, folder, class depth), ...]) where layout is "splits"
-        (`<root>/<split>/<class>/`), "omniglot" (`<set>/<alphabet>/<character>/`) or
-        "classes" (`<root>/<class>/`).
+        (layout name, [(split name, folder or CSV file, class depth), ...]) where layout is
+        "splits" (`<root>/<split>/<class>/`), "omniglot" (`<set>/<alphabet>/<character>/`),
+        "csv" (`<root>/splits/<split>.csv` or `<root>/<split>.csv` listing the images; depth 0)
+        or "classes" (`<root>/<class>/`).
     """
-    if not root.is_dir():
+    if not root.exists():
         raise DatasetError(f"{root}: no such folder; pass the dataset folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: is a file; pass the dataset folder")
     if root.name in OMNIGLOT_SETS:
         return "omniglot", [(root.name, root, 2)]
     sets = [(s, root / s, 2) for s in OMNIGLOT_SETS if (root / s).is_dir()]
@@ -135,12 +146,72 @@ def detect_layout(root: Path) -> tuple[str, list[tuple[str, Path, int]]]:
     splits = [(s, root / s, 1) for s in SPLIT_NAMES if (root / s).is_dir()]
     if splits:
         return "splits", splits
+    csvs = split_csvs(root)
+    if csvs:
+        return "csv", [(name, path, 0) for name, path in csvs.items()]
     if list_class_dirs(root):
         return "classes", [(root.name, root, 1)]
     raise DatasetError(
         f"{root}: no train/val/test, images_background or class folders; "
         "expected <root>/<split>/<class>/<image> or <root>/<class>/<image>"
     )
+
+
+def split_csvs(root: Path) -> dict[str, Path]:
+    """Split files `<root>/splits/<split>.csv` (else `<root>/<split>.csv`) by split name."""
+    for folder in (root / "splits", root):
+        found = {s: folder / f"{s}.csv" for s in SPLIT_NAMES if (folder / f"{s}.csv").is_file()}
+        if found:
+            return found
+    return {}
+
+
+def _csv_entries(
+    root: Path, split: str, csv_path: Path, errors: list[str], warnings: list[str]
+) -> list[_Entry]:
+    """Entries listed in a split CSV; listed files that do not exist become errors."""
+    try:
+        rows = read_split_csv(csv_path)
+        located = locate_csv_images(root, split, rows, csv_path)
+    except DatasetError as e:
+        errors.append(str(e))
+        return []
+    entries = []
+    missing = []
+    for (_, label), path in zip(rows, located, strict=True):
+        if path.is_file():
+            entries.append(_Entry(split, label, path))
+        else:
+            missing.append(path)
+    if missing:
+        errors.append(f"{missing[0]}: listed in {csv_path} but missing ({len(missing)} in all)")
+    return entries
+
+
+def _cross_check_csv(
+    root: Path, split: str, entries: list[_Entry], warnings: list[str]
+) -> dict[str, Any] | None:
+    """Compare a split folder with its CSV file, if there is one (miniImageNet ships both)."""
+    csv_path = split_csvs(root).get(split)
+    if csv_path is None:
+        return None
+    errors: list[str] = []
+    listed = {(e.cls, e.path) for e in _csv_entries(root, split, csv_path, errors, warnings)}
+    found = {(e.cls, e.path) for e in entries if e.split == split}
+    result = {
+        "file": str(csv_path),
+        "listed": len(listed),
+        "not_in_folders": len(listed - found),
+        "not_in_csv": len(found - listed),
+    }
+    for problem in errors:
+        warnings.append(f"split file does not match the folders: {problem}")
+    if found != listed and not errors:
+        warnings.append(
+            f"{csv_path}: lists {len(listed)} images, the {split} folders hold {len(found)} "
+            f"({result['not_in_csv']} not listed, {result['not_in_folders']} listed elsewhere)"
+        )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,9 +369,18 @@ def verify_dataset(
     warnings: list[str] = []
     entries: list[_Entry] = []
     for split, folder, depth in parts:
-        entries += _class_folder_entries(split, folder, errors, warnings, depth)
+        if depth == 0:
+            entries += _csv_entries(root, split, folder, errors, warnings)
+        else:
+            entries += _class_folder_entries(split, folder, errors, warnings, depth)
     if not entries:
-        raise DatasetError(f"{root}: no images found")
+        raise DatasetError(f"{root}: no images found" + (f" ({errors[0]})" if errors else ""))
+    split_files = {}
+    if layout == "splits":
+        for split, _, _ in parts:
+            check = _cross_check_csv(root, split, entries, warnings)
+            if check is not None:
+                split_files[split] = check
 
     sums_path = find_sums(root) if check_hash else None
     sums = read_sums(sums_path) if sums_path else {}
@@ -369,6 +449,7 @@ def verify_dataset(
         corrupt=corrupt,
         checksums=checksums,
         duplicates=duplicates,
+        split_files=split_files,
     )
 
 
@@ -395,6 +476,12 @@ def format_report(report: VerifyReport, max_lines: int = 20) -> str:
         )
     else:
         lines.append("  checksums: no SHA256SUMS found (or --no-hash)")
+    for split, sf in report.split_files.items():
+        same = not sf["not_in_folders"] and not sf["not_in_csv"]
+        lines.append(
+            f"  {split} split file {sf['file']}: {sf['listed']} images listed, "
+            + ("the same as the folders" if same else "differs from the folders (see warnings)")
+        )
     for title, items in (("error", report.errors), ("warning", report.warnings)):
         for item in items[:max_lines]:
             lines.append(f"{title}: {item}")
