@@ -97,6 +97,9 @@ def test_sums_star_format_and_bad_line(tmp_path: Path) -> None:
     (tmp_path / "SHA256SUMS").write_text("nonsense\n")
     with pytest.raises(DatasetError, match="SHA256SUMS:1: expected"):
         read_sums(tmp_path / "SHA256SUMS")
+    (tmp_path / "SHA256SUMS").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DatasetError, match="cannot read checksum file"):
+        read_sums(tmp_path / "SHA256SUMS")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])

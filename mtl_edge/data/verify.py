@@ -219,6 +219,13 @@ def _cross_check_csv(
 # ---------------------------------------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def find_sums(root: Path) -> Path | None:
     """The nearest SHA256SUMS in `root` or one of its parent folders."""
     for folder in (root, *root.parents):
@@ -232,7 +239,13 @@ def read_sums(path: Path) -> dict[Path, str]:
     """Entries of a SHA256SUMS file (`<hex>  <path>` or `<hex> *<path>`), as absolute paths."""
     out: dict[Path, str] = {}
     base = Path(os.path.normpath(path.absolute())).parent
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(
+            f"{path}: cannot read checksum file ({e}); fix it or pass --no-hash"
+        ) from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         digest, _, name = line.partition(" ")
@@ -384,7 +397,7 @@ def verify_dataset(
 
     sums_path = find_sums(root) if check_hash else None
     sums = read_sums(sums_path) if sums_path else {}
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cores()
     show = sys.stderr.isatty() if progress is None else progress
     jobs = [(str(e.path), color_mode, bool(sums), max_pixels) for e in entries]
 
