@@ -1,17 +1,16 @@
 """Check a dataset folder: layout, counts, SHA256SUMS, every image decodes, duplicates.
 
 `verify_dataset(root)` detects the layout (split folders of class folders, one folder of class
-folders, Omniglot sets, or packed tar shards), reads every image once in a process pool
-(hashing and fully decoding it), and returns a `VerifyReport`. Problems that make the data
-unusable or untrustworthy (a missing or corrupt image, a checksum mismatch, an empty class) are
-*errors*; byte-identical duplicates and stray non-image files are *warnings*.
+folders, Omniglot sets, CSV split files, or packed tar shards), reads every image once in a
+process pool (hashing and fully decoding it), and returns a `VerifyReport`. Problems that make
+the data unusable or untrustworthy (a missing or corrupt image, a checksum mismatch, an empty
+class) are *errors*; byte-identical duplicates and stray non-image files are *warnings*.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import sys
 from collections import Counter, defaultdict
@@ -35,8 +34,6 @@ from mtl_edge.data.folders import (
 )
 from mtl_edge.errors import DatasetError, ImageError
 from mtl_edge.preprocess import DEFAULT_MAX_PIXELS, decode_image
-
-log = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test")
 OMNIGLOT_SETS = ("images_background", "images_evaluation")
@@ -166,9 +163,7 @@ def split_csvs(root: Path) -> dict[str, Path]:
     return {}
 
 
-def _csv_entries(
-    root: Path, split: str, csv_path: Path, errors: list[str], warnings: list[str]
-) -> list[_Entry]:
+def _csv_entries(root: Path, split: str, csv_path: Path, errors: list[str]) -> list[_Entry]:
     """Entries listed in a split CSV; listed files that do not exist become errors."""
     try:
         rows = read_split_csv(csv_path)
@@ -196,7 +191,7 @@ def _cross_check_csv(
     if csv_path is None:
         return None
     errors: list[str] = []
-    listed = {(e.cls, e.path) for e in _csv_entries(root, split, csv_path, errors, warnings)}
+    listed = {(e.cls, e.path) for e in _csv_entries(root, split, csv_path, errors)}
     found = {(e.cls, e.path) for e in entries if e.split == split}
     result = {
         "file": str(csv_path),
@@ -383,7 +378,7 @@ def verify_dataset(
     entries: list[_Entry] = []
     for split, folder, depth in parts:
         if depth == 0:
-            entries += _csv_entries(root, split, folder, errors, warnings)
+            entries += _csv_entries(root, split, folder, errors)
         else:
             entries += _class_folder_entries(split, folder, errors, warnings, depth)
     if not entries:
