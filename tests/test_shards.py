@@ -135,6 +135,9 @@ def test_cli_pack_open_split_and_verify(
     assert "24 images of 4 classes in" in text
     split = open_split("shards", tmp_path / "packed", "train")
     assert len(split) == 24 and split.num_classes == 4
+    assert len(open_split("shards", out, "train")) == 24  # the shard folder itself
+    with pytest.raises(DatasetError, match="not of split 'val'"):
+        open_split("shards", out, "val")
     code, text, _ = run(capsys, "data", "verify", str(out))
     assert code == 0 and "24 images (6 per class)" in text
     code, _, err = run(

@@ -257,10 +257,17 @@ def read_shards(
 def open_shards(
     root: str | Path, split: str, verify: bool = True, color_mode: str | None = None
 ) -> ImageSplit:
-    """`<root>/<split>/` if it holds an index, else `root` itself."""
+    """`<root>/<split>/` if it holds an index, else `root` itself if its shards are of `split`."""
     root = Path(root)
-    folder = root / split if (root / split / INDEX).is_file() else root
-    return read_shards(folder, verify=verify, color_mode=color_mode)
+    if (root / split / INDEX).is_file():
+        return read_shards(root / split, verify=verify, color_mode=color_mode)
+    packed = str(read_index(root).get("name", ""))
+    if packed.rsplit("/", 1)[-1] != split:
+        raise DatasetError(
+            f"{root}: holds the shards of {packed!r}, not of split {split!r}; "
+            f"pass the folder of the {split} shards"
+        )
+    return read_shards(root, verify=verify, color_mode=color_mode)
 
 
 def verify_shards(
