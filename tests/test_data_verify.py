@@ -258,12 +258,31 @@ def test_episodes_command(
     assert code == 1 and "pass --kind" in err
 
 
-def test_episodes_synthetic(capsys: pytest.CaptureFixture[str]) -> None:
+def test_episodes_synthetic_with_options(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(
-        capsys, "data", "episodes", "synthetic", "--split", "test", "--episodes", "5", "--json"
+        capsys,
+        "data",
+        "episodes",
+        "synthetic",
+        "--split",
+        "test",
+        "--episodes",
+        "5",
+        "--json",
+        "-o",
+        "test_classes=6",
+        "-o",
+        "size=16",
+        "--option",
+        "per_class=20",
     )
     assert code == 0, err
-    assert json.loads(out)["classes_total"] == 20
+    stats = json.loads(out)
+    assert stats["classes_total"] == 6 and stats["images_total"] == 120
+    code, _, err = run(capsys, "data", "episodes", "synthetic", "-o", "size")
+    assert code == 1 and "use key=value" in err
+    code, _, err = run(capsys, "data", "episodes", "synthetic", "-o", "colour=L")
+    assert code == 1 and "unknown option(s) ['colour']" in err
 
 
 @pytest.mark.shared_data

@@ -53,6 +53,26 @@ def open_dataset(kind: str, root: Path, split: str, **options: Any) -> Any:
     return open_split(resolve_kind(kind, root, split), root, split, **options)
 
 
+def parse_options(items: list[str] | None) -> dict[str, Any]:
+    """`--option key=value` pairs; values are read as JSON when they parse (5, true, ["a"])."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DatasetError(f"--option {item!r}: use key=value, e.g. val_alphabets=5")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+OPTION_HELP = (
+    "Reader option key=value (repeatable), e.g. val_alphabets=5, rotations=true, "
+    "color_mode=L, on_error=skip."
+)
+
+
 def episode_stats(split: Any, episodes: list[Any]) -> dict[str, Any]:
     """Statistics of an episode list over `split`: classes and images used, and coverage."""
     appearances = np.zeros(split.num_classes, dtype=np.int64)
@@ -122,6 +142,7 @@ def register(app: typer.Typer, name: str) -> None:
         count: int = typer.Option(100, "--episodes", help="Number of episodes."),
         seed: int = typer.Option(0, "--seed", help="Episode i is a function of (seed, i)."),
         kind: str = typer.Option("auto", "--kind", help=AUTO_HELP),
+        option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
         out: Path | None = typer.Option(None, "--out", help="Save the episode list as JSON."),
         as_json: bool = typer.Option(False, "--json", help="Print statistics as JSON."),
     ) -> None:
@@ -131,7 +152,8 @@ def register(app: typer.Typer, name: str) -> None:
         if count < 1:
             raise DatasetError(f"--episodes={count}: need at least 1")
         kind = resolve_kind(kind, root, split)
-        data = open_dataset(kind, root, split)
+        options = parse_options(option)
+        data = open_dataset(kind, root, split, **options)
         sampler = EpisodeSampler.for_split(data, ways, shots, queries, seed)
         eps = sampler.episodes(count)
         stats = episode_stats(data, eps)
@@ -139,7 +161,9 @@ def register(app: typer.Typer, name: str) -> None:
         stats["fingerprint"] = data.fingerprint(root if root.is_dir() else None)
         if out is not None:
             meta = {k: stats[k] for k in ("split", "ways", "shots", "queries", "seed")}
-            meta.update(root=str(root), kind=kind, fingerprint=stats["fingerprint"])
+            meta.update(
+                root=str(root), kind=kind, options=options, fingerprint=stats["fingerprint"]
+            )
             save_episodes(out, eps, meta)
             stats["saved"] = str(out)
         if as_json:
@@ -167,12 +191,13 @@ def register(app: typer.Typer, name: str) -> None:
         max_mib: float = typer.Option(60.0, "--max-mib", help="Size limit of one shard (MiB)."),
         kind: str = typer.Option("auto", "--kind", help=AUTO_HELP),
         force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+        option: list[str] = typer.Option(None, "--option", "-o", help=OPTION_HELP),
         as_json: bool = typer.Option(False, "--json", help="Print the shard index as JSON."),
     ) -> None:
         """Pack a split into tar shards (original image bytes + class) with a sha256 index."""
         from mtl_edge.data.shards import pack_split
 
-        data = open_dataset(kind, root, split)
+        data = open_dataset(kind, root, split, **parse_options(option))
         index = pack_split(data, out, max_mib=max_mib, force=force)
         if as_json:
             typer.echo(json.dumps(index, indent=2))
