@@ -134,12 +134,6 @@ def _render(proto: _Prototype, size: int, rng: np.random.Generator) -> np.ndarra
         return [tuple(p) for p in ((xy + 1) * 0.5 * size).tolist()]
 
     gx, gy = _grid(size)
-    # Inverse pose, so textures are sampled in object coordinates.
-    inv = np.linalg.inv(rot)
-    ox, oy = gx - shift[0], gy - shift[1]
-    u = inv[0, 0] * ox + inv[0, 1] * oy
-    v = inv[1, 0] * ox + inv[1, 1] * oy
-
     # The background is mostly per-sample: a class must be recognised by its object, not by a
     # flat colour that a pixel average would pick up.
     background = 0.3 * proto.background + 0.7 * rng.uniform(0, 255, size=3)
@@ -147,40 +141,54 @@ def _render(proto: _Prototype, size: int, rng: np.random.Generator) -> np.ndarra
     ramp = gx * np.cos(angle * 3) + gy * np.sin(angle * 3)
     canvas = (background + ramp[:, :, None] * slope).astype(np.float32)
 
+    # Clutter and parts are each drawn into one index layer (value k + 1 for shape k), so a
+    # later shape covers an earlier one exactly as painting them in turn would.
     clutter_colors = rng.uniform(0, 255, size=(int(rng.integers(2, 6)), 3))
-    clutter_layers = []
-    for _ in clutter_colors:
-        layer = Image.new("L", (size, size), 0)
-        d = ImageDraw.Draw(layer)
+    layer = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(layer)
+    for k in range(len(clutter_colors)):
         x0, y0 = rng.uniform(0, size, size=2)
         r = rng.uniform(0.03, 0.1) * size
         if rng.random() < 0.5:
-            d.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=255)
+            d.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=k + 1)
         else:
             x1, y1 = rng.uniform(0, size, size=2)
-            d.line([x0, y0, x1, y1], fill=255, width=max(1, round(size / 60)))
-        clutter_layers.append(np.asarray(layer) > 127)
-    for color, mask in zip(clutter_colors, clutter_layers, strict=True):
-        canvas[mask] = color
+            d.line([x0, y0, x1, y1], fill=k + 1, width=max(1, round(size / 60)))
+    index = np.asarray(layer)
+    painted = index > 0
+    canvas[painted] = clutter_colors[index[painted] - 1]
 
-    for part in proto.parts:
+    layer = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(layer)
+    colors = []
+    for k, part in enumerate(proto.parts):
         jitter = rng.normal(0, 0.04, size=part.points.shape)
-        layer = Image.new("L", (size, size), 0)
-        d = ImageDraw.Draw(layer)
         pts = to_pixels(part.points + jitter)
         if part.kind == "stroke":
-            d.line(pts, fill=255, width=max(1, round(part.width * size * scale)), joint="curve")
+            d.line(pts, fill=k + 1, width=max(1, round(part.width * size * scale)), joint="curve")
         else:
-            d.polygon(pts, fill=255)
-        mask = np.asarray(layer) > 127
-        color = np.clip(part.color + rng.normal(0, 12, size=3), 0, 255)
-        color2 = np.clip(part.color2 + rng.normal(0, 12, size=3), 0, 255)
+            d.polygon(pts, fill=k + 1)
+        colors.append(
+            (
+                np.clip(part.color + rng.normal(0, 12, size=3), 0, 255),
+                np.clip(part.color2 + rng.normal(0, 12, size=3), 0, 255),
+            )
+        )
+    index = np.asarray(layer)
+    uv = None
+    for k, (part, (color, color2)) in enumerate(zip(proto.parts, colors, strict=True)):
+        mask = index == k + 1
         if part.texture == "solid":
             canvas[mask] = color
-        else:
-            second = _texture(part, u, v)
-            canvas[mask & ~second] = color
-            canvas[mask & second] = color2
+            continue
+        if uv is None:
+            # Inverse pose, so textures are sampled in object coordinates.
+            inv = np.linalg.inv(rot)
+            ox, oy = gx - shift[0], gy - shift[1]
+            uv = (inv[0, 0] * ox + inv[0, 1] * oy, inv[1, 0] * ox + inv[1, 1] * oy)
+        second = _texture(part, *uv)
+        canvas[mask & ~second] = color
+        canvas[mask & second] = color2
 
     canvas += rng.standard_normal(size=canvas.shape, dtype=np.float32) * np.float32(6)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
