@@ -14,11 +14,13 @@ import pytest
 from PIL import Image
 
 from mtl_edge.data.split import ImageSplit
-from mtl_edge.errors import DatasetError
+from mtl_edge.errors import DatasetError, ImageError
+from mtl_edge.preprocess import Preprocess, resize_and_crop
 from mtl_edge.train.datasets import (
     CIFAR_FS_CLASSES,
     FC100_SUPERCLASSES,
     KINDS,
+    decode_split,
     load_data_pickle,
     open_split,
     read_csv_split,
@@ -452,3 +454,50 @@ def test_datasets_module_imports_no_torch() -> None:
     code = "import sys, mtl_edge.train.datasets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-split decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decode_split_matches_per_image_decoding(class_folders: Path, tmp_path: Path) -> None:
+    split = open_split("folders", class_folders, "train")
+    arrays = decode_split(split, workers=1)
+    assert arrays.shape == (24, 20, 24, 3) and arrays.dtype == np.uint8
+    for i in (0, 13, 23):
+        assert np.array_equal(arrays[i], np.asarray(split.image(i)))
+    resized = decode_split(split, size=16, workers=1)
+    assert resized.shape == (24, 16, 16, 3)
+    expected = resize_and_crop(split.image(3), Preprocess(size=16))  # as the device resizes
+    assert np.array_equal(resized[3], np.asarray(expected))
+
+
+def test_decode_split_blobs_rotations_and_errors(tmp_path: Path) -> None:
+    root = _omniglot(tmp_path)
+    split = open_split("omniglot", root, "background", rotations=True)
+    arrays = decode_split(split, workers=1)
+    assert arrays.shape == (96, 10, 10)
+    # 96 images: enough to go through the process pool, with the same result.
+    assert np.array_equal(decode_split(split, workers=2, progress=False), arrays)
+    a = split.class_names.index("Alpha_ound/character01@90")
+    first = split.indices_by_class()[a][0]
+    assert np.array_equal(arrays[first], np.asarray(split.image(first)))
+    _tiered_pickles(tmp_path / "tiered")
+    tiered = open_split("tiered-pickle", tmp_path / "tiered", "val")
+    assert np.array_equal(decode_split(tiered, workers=1)[4], np.asarray(tiered.image(4)))
+    bad = split.paths[5]
+    bad.write_bytes(b"broken")
+    with pytest.raises(ImageError, match=bad.name):
+        decode_split(split, workers=1)
+
+
+def test_decode_split_mixed_sizes(tmp_path: Path) -> None:
+    for i, size in enumerate([(8, 8), (9, 7)]):
+        folder = tmp_path / "d" / f"c{i}"
+        folder.mkdir(parents=True)
+        Image.new("RGB", size).save(folder / "x.png")
+    split = open_split("folders", tmp_path, "d")
+    with pytest.raises(DatasetError, match="different sizes"):
+        decode_split(split, workers=1)
+    assert decode_split(split, size=6, workers=1).shape == (2, 6, 6, 3)

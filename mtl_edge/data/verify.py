@@ -295,7 +295,17 @@ def check_bytes(
         return str(e), "", ""
 
 
-def _map(fn: Callable[[Any], Any], items: list[Any], workers: int, progress: bool) -> Iterable[Any]:
+def map_jobs(
+    fn: Callable[[Any], Any],
+    items: list[Any],
+    workers: int,
+    progress: bool,
+    description: str = "verifying",
+) -> Iterable[Any]:
+    """`map(fn, items)` in order, over `workers` processes when there is enough work.
+
+    `fn` must be a module-level function; results stream back in input order.
+    """
     chunk = max(1, min(256, len(items) // (workers * 8) or 1))
     if workers <= 1 or len(items) < 64:
         results: Iterable[Any] = map(fn, items)
@@ -310,7 +320,7 @@ def _map(fn: Callable[[Any], Any], items: list[Any], workers: int, progress: boo
         if progress:
             from rich.progress import track
 
-            results = track(results, total=len(items), description="verifying", transient=True)
+            results = track(results, total=len(items), description=description, transient=True)
         yield from results
     finally:
         if pool is not None:
@@ -401,7 +411,7 @@ def verify_dataset(
     sizes: dict[str, Counter[str]] = defaultdict(Counter)
     modes: dict[str, Counter[str]] = defaultdict(Counter)
     split_of = {e.path: e.split for e in entries}
-    for path_s, digest, error, size, mode in _map(check_file, jobs, workers, show):
+    for path_s, digest, error, size, mode in map_jobs(check_file, jobs, workers, show):
         path = Path(path_s)
         digests[path] = digest
         if error:
