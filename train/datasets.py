@@ -14,6 +14,8 @@
 | shards | tar shards written by `mtl-edge data pack` (`index.json` + `*.tar`) |
 | synthetic | the built-in procedural dataset (no files; `root` is ignored) |
 
+`decode_split(split, size)` decodes a whole split once into one uint8 array, in a process pool.
+
 numpy + Pillow only (no torch), so the device side may use it too. Pickles are read with a
 restricted unpickler that only rebuilds numpy arrays and plain containers: a dataset file can
 never run code.
