@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from export.parity import episode_accuracy, fixed_episodes, ort_session
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import DatasetError, MtlEdgeError
+from mtl_edge.export.parity import episode_accuracy, fixed_episodes, ort_session
 from mtl_edge.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def sample_calibration(
     Returns:
         float32 array of shape (n, C, H, W), n = min(count, len(split)).
     """
-    from export.parity import split_images
+    from mtl_edge.export.parity import split_images
 
     rng = np.random.default_rng(seed)
     by_class = [rng.permutation(idx) for idx in split.indices_by_class() if len(idx)]
@@ -188,7 +188,7 @@ def accuracy_change(
 ) -> dict[str, Any]:
     """Nearest-centroid 5-way accuracy of two feature sets of `split` ((N, D) each) on the same
     fixed 1-shot and 5-shot episodes, and the change."""
-    from export.parity import compare_features
+    from mtl_edge.export.parity import compare_features
 
     out: dict[str, Any] = {"data": split.name, **compare_features(reference, candidate)}
     for shots in (1, 5):
