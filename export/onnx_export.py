@@ -6,9 +6,11 @@ dimension, opset 20, weights inside the file. Works with torch 2.11 (the GPU mac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -71,7 +73,7 @@ def export_onnx(
     graph = FeatureGraph(model).eval()
     example = torch.randn(example_batch, *input_shape, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
         warnings.simplefilter("ignore")  # exporter deprecation chatter, not actionable here
         try:
             torch.onnx.export(
@@ -98,6 +100,20 @@ def export_onnx(
     check_graph(model_proto, path)
     log.info("exported %s (%s)", path, summarize_ops(model_proto))
     return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """Keep the exporter's per-pass INFO lines and missing-torchvision notes out of the CLI."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def op_counts(model_proto: object) -> Counter[str]:

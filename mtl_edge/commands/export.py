@@ -1,0 +1,235 @@
+"""`mtl-edge export CHECKPOINT --out BUNDLE [...]` and `mtl-edge export check BUNDLE`.
+
+`export` is one command with a variadic argument that dispatches on the word "check": a click
+group cannot have both a positional CHECKPOINT and sub-commands (the group would read "check"
+as the checkpoint). A checkpoint file that is literally named `check` is passed as `./check`.
+Export needs the workstation extras (torch, onnx, onnxscript); `export check` needs only
+onnxruntime, so it also runs on a device.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mtl_edge.errors import ConfigError, MtlEdgeError, UnavailableError
+
+HELP = """Fold SS and BatchNorm, export ONNX (+ INT8 / FP16 / TensorRT), write a model bundle.
+
+\b
+  mtl-edge export CHECKPOINT --out BUNDLE [--int8 --calib DIR] [--fp16] [--tensorrt] [--force]
+  mtl-edge export check BUNDLE [--json]
+"""
+
+#: Options that only the export form takes, by flag, with their "unset" value.
+_EXPORT_ONLY = (
+    "--out",
+    "--int8",
+    "--calib",
+    "--fp16",
+    "--tensorrt",
+    "--force",
+    "--eval",
+    "--head-steps",
+    "--head-lr",
+    "--head-init",
+)
+
+
+def _import_api() -> Any:
+    try:
+        from mtl_edge.export import api
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("torch", "onnx", "onnxscript", "onnxruntime"):
+            raise UnavailableError(
+                f"`mtl-edge export` needs {e.name} ({e}); pip install 'mtl-edge[train,cpu]' on "
+                "the workstation"
+            ) from None
+        raise
+    return api
+
+
+def _fmt_acc(entry: dict[str, Any]) -> str:
+    parts = []
+    for shots in (1, 5):
+        a = entry.get(f"5way_{shots}shot")
+        if a:
+            parts.append(
+                f"{shots}-shot {100 * a['fp32']:.2f} -> {100 * a['variant']:.2f} "
+                f"({100 * a['change']:+.2f} pts, {a['episodes']} episodes)"
+            )
+    return "; ".join(parts)
+
+
+def export_summary(bundle: Any, report: dict[str, Any]) -> list[str]:
+    """Human-readable lines about a finished export."""
+    b = bundle.manifest["backbone"]
+    par = report["parity"]
+    real = par["real"]
+    lines = [
+        f"bundle: {bundle.root} (model id {bundle.model_id[:12]})",
+        f"backbone: {b['name']} {b['args']}, input {tuple(b['input_shape'])}, "
+        f"features {b['feature_dim']}",
+        f"fold: max abs {report['fold']['max_abs']:.2e} against the trained network",
+        "parity onnxruntime vs torch: "
+        + ", ".join(
+            f"batch {n}: max abs {v['max_abs']:.2e} cos {v['cosine_min']:.6f}"
+            for n, v in par["batches"].items()
+        ),
+        f"parity on {real['data']} ({real['images']} images): max abs {real['max_abs']:.2e}, "
+        f"identical 5-way predictions in {real['episodes']['identical_episodes']}/"
+        f"{real['episodes']['episodes']} episodes -> {'PASS' if par['pass'] else 'FAIL'}",
+    ]
+    for name, q in report.get("quantization", {}).items():
+        if not isinstance(q, dict):
+            continue
+        k = q["onnxruntime_cpu_kernels"]
+        lines.append(
+            f"{name}: {q['settings']['activations']} activations; convs with QDQ "
+            f"{q['qdq']['convs_with_qdq']}/{q['qdq']['convs']}, onnxruntime CPU runs "
+            f"{k['quantized']} quantized / {k['float']} float convs; cos "
+            f"{q['accuracy']['cosine_min']:.5f}; {_fmt_acc(q['accuracy'])}"
+        )
+    if "fp16" in report:
+        f = report["fp16"]["accuracy"]
+        lines.append(f"fp16: cos {f['cosine_min']:.6f}; {_fmt_acc(f)}")
+    for e in report.get("engines", []):
+        lines.append(f"tensorrt engine: {e['file']} ({e['variant']})")
+    lines.append(f"variants: {', '.join(bundle.variants)}")
+    return lines
+
+
+def check_summary(result: dict[str, Any]) -> list[str]:
+    """Human-readable lines of `check_bundle`'s result."""
+    b, prov, head = result["backbone"], result["provenance"], result["head"]
+    lines = [
+        f"bundle: {result['bundle']} ({result['files']} files, hashes OK)",
+        f"model id: {result['model_id']}",
+        f"backbone: {b['name']} {b.get('args', {})}, features {b['feature_dim']}",
+        f"preprocess: size {result['preprocess']['size']}, {result['preprocess']['color_mode']}",
+        f"head: {head['steps']} steps, lr {head['lr']}, init {head['init']}"
+        + (f" (meta init for {head['meta_init_ways']} ways)" if head["meta_init_ways"] else ""),
+        f"source: {prov.get('checkpoint')} sha256 {str(prov.get('checkpoint_sha256'))[:12]}, "
+        f"stage {prov.get('stage')}, dataset {prov.get('dataset')}, created {prov.get('created')}",
+        f"export parity: {'PASS' if result['export_parity_pass'] else 'not recorded or FAIL'}",
+    ]
+    for name, r in result["variants"].items():
+        lines.append(
+            f"{name}: vs fp32 max abs {r['max_abs']:.2e}, cos {r['cosine_min']:.6f} -> "
+            f"{'PASS' if r['pass'] else 'FAIL'}"
+        )
+    for e in result["engines"]:
+        lines.append(f"engine: {e.get('file')} ({e.get('variant')}, {e.get('key', '?')})")
+    lines.append("check: " + ("PASS" if result["pass"] else "FAIL"))
+    return lines
+
+
+def _head_overrides(steps: int | None, lr: float | None, init: str | None) -> dict[str, Any]:
+    head: dict[str, Any] = {}
+    if steps is not None:
+        head["steps"] = steps
+    if lr is not None:
+        head["lr"] = lr
+    if init is not None:
+        head["init"] = init
+    return head
+
+
+def register(app: typer.Typer, name: str) -> None:
+    @app.command(name=name, help=HELP, no_args_is_help=True)
+    def export(
+        ctx: typer.Context,
+        args: list[str] = typer.Argument(
+            ..., metavar="CHECKPOINT | check BUNDLE", help="A checkpoint, or: check BUNDLE."
+        ),
+        out: Path | None = typer.Option(None, "--out", "-o", help="Bundle folder to write."),
+        int8: bool = typer.Option(False, "--int8", help="Also write INT8 variants."),
+        calib: Path | None = typer.Option(
+            None, "--calib", help="Calibration images (class folders or flat) for --int8."
+        ),
+        fp16: bool = typer.Option(False, "--fp16", help="Also write an FP16 variant (GPUs)."),
+        tensorrt: bool = typer.Option(
+            False, "--tensorrt", help="Build TensorRT engines on this machine (needs a GPU)."
+        ),
+        force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+        eval_dir: Path | None = typer.Option(
+            None, "--eval", help="Class folders for the episode checks (default: synthetic)."
+        ),
+        head_steps: int | None = typer.Option(None, "--head-steps", help="Head recipe steps."),
+        head_lr: float | None = typer.Option(None, "--head-lr", help="Head recipe lr."),
+        head_init: str | None = typer.Option(
+            None, "--head-init", help="Head init: zeros, meta or imprint."
+        ),
+        opt_batch: int = typer.Option(8, "--opt-batch", help="TensorRT profile optimum batch."),
+        max_batch: int = typer.Option(64, "--max-batch", help="TensorRT profile max batch."),
+        seed: int = typer.Option(0, "--seed", help="Seed of episodes and calibration sample."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    ) -> None:
+        if args[0] == "check":
+            given = [
+                p.opts[0]
+                for p in ctx.command.params
+                if p.opts
+                and p.opts[0] in _EXPORT_ONLY
+                and ctx.params.get(p.name) not in (None, False)
+            ]
+            if given:
+                raise ConfigError(
+                    f"{given[0]} is an option of `mtl-edge export CHECKPOINT`, not of "
+                    "`mtl-edge export check BUNDLE`"
+                )
+            if len(args) != 2:
+                raise ConfigError("usage: mtl-edge export check BUNDLE [--json]")
+            _run_check(Path(args[1]), seed, as_json)
+            return
+        if len(args) != 1:
+            raise ConfigError(
+                f"expected one CHECKPOINT, got {len(args)} arguments ({' '.join(args)}); "
+                "usage: mtl-edge export CHECKPOINT --out BUNDLE"
+            )
+        if out is None:
+            raise ConfigError("--out BUNDLE is required: the folder to write the bundle to")
+        if calib is not None and not int8:
+            raise ConfigError("--calib is only used with --int8; add --int8 or drop --calib")
+        api = _import_api()
+        eval_data = None
+        if eval_dir is not None:
+            from mtl_edge.data.folders import read_class_folders
+            from mtl_edge.preprocess import Preprocess
+
+            mode = Preprocess.from_dict(dict(api.read_checkpoint(Path(args[0]))["preprocess"]))
+            eval_data = read_class_folders(eval_dir, None, color_mode=mode.color_mode)
+        bundle, report = api.export_checkpoint(
+            args[0],
+            out,
+            int8=int8,
+            calib=calib,
+            fp16=fp16,
+            tensorrt=tensorrt,
+            force=force,
+            eval_data=eval_data,
+            seed=seed,
+            head=_head_overrides(head_steps, head_lr, head_init),
+            trt_opt_batch=opt_batch,
+            trt_max_batch=max_batch,
+        )
+        if as_json:
+            doc = {"bundle": str(bundle.root), "model_id": bundle.model_id, "report": report}
+            typer.echo(json.dumps(doc, indent=2))
+        else:
+            typer.echo("\n".join(export_summary(bundle, report)))
+
+
+def _run_check(path: Path, seed: int, as_json: bool) -> None:
+    from mtl_edge.export.api import check_bundle  # torch-free: onnxruntime and numpy only
+
+    result = check_bundle(path, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo("\n".join(check_summary(result)))
+    if not result["pass"]:
+        raise MtlEdgeError(f"{path}: a variant disagrees with fp32 beyond its tolerance")
