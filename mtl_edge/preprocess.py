@@ -166,7 +166,7 @@ def decode_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(fp)
+                img: Image.Image = Image.open(fp)
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageError(
