@@ -23,7 +23,7 @@ import numpy as np
 from mtl_edge.atomicio import sha256_file
 from mtl_edge.bundle import Bundle, HeadRecipe, write_bundle
 from mtl_edge.data.split import ImageSplit
-from mtl_edge.errors import BundleError, DatasetError, MtlEdgeError
+from mtl_edge.errors import BundleError, DatasetError, MtlEdgeError, UnavailableError
 from mtl_edge.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,11 @@ def build_backbone(path: Path, ckpt: dict[str, Any], factory: ModelFactory | Non
         model = (factory or default_model_factory)(ckpt["model"], ckpt.get("model_args", {}), state)
     except MtlEdgeError as e:
         raise MtlEdgeError(f"{path}: {e}") from None
+    except ImportError as e:
+        raise UnavailableError(
+            f"{path}: cannot build backbone {ckpt['model']!r}: the training stack is missing "
+            f"({e}); pip install 'mtl-edge[train]'"
+        ) from None
     except (KeyError, ValueError, TypeError) as e:
         raise MtlEdgeError(
             f"{path}: cannot build backbone {ckpt['model']!r} with {ckpt.get('model_args')} "
