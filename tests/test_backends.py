@@ -141,24 +141,6 @@ def test_tensorrt_unavailable_is_one_line_exit_2(tmp_path: Path, monkeypatch) ->
     assert available_backends()["tensorrt"] is not None
 
 
-def test_engine_lookup_matches_variant_and_key(tmp_path: Path) -> None:
-    from mtl_edge.backends.tensorrt_runtime import find_engine
-
-    bundle = make_bundle(tmp_path / "b")
-    bundle.add_files(
-        {"engines/fp32-H100-sm90-trt10.3.plan": b"engine"},
-        {
-            "engines": [
-                {"file": "engines/fp32-H100-sm90-trt10.3.plan", "variant": "fp32"},
-                {"file": "engines/missing.plan", "variant": "fp16", "key": "k"},
-            ]
-        },
-    )
-    assert find_engine(bundle, "fp32", "H100-sm90-trt10.3") is not None
-    assert find_engine(bundle, "fp32", "A100-sm80-trt10.3") is None
-    assert find_engine(bundle, "fp16", "k") is None  # listed but absent
-
-
 def test_tensorrt_runs_when_present(tmp_path: Path) -> None:
     if available_backends()["tensorrt"] is not None:
         pytest.skip(f"TensorRT not usable here: {available_backends()['tensorrt']}")
@@ -237,6 +219,7 @@ def _fake_tensorrt(cudart: _FakeCudart, onnx_path: Path, max_batch: int) -> type
     trt.__version__ = "10.3.0"
     trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
     trt.nptype = lambda dtype: np.float32
+    trt.BuilderFlag = types.SimpleNamespace(FP16=1, INT8=2)  # TensorRT 10 style
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     shapes: list[tuple[int, ...]] = []
 
@@ -301,26 +284,21 @@ def fake_trt(tmp_path: Path, monkeypatch):
     bindings.runtime = cudart
     cuda_pkg.bindings = bindings
     builds: list[str] = []
+    from mtl_edge.backends import trt_build
 
-    def build_engine(b, variant, **kwargs):
+    def build_serialized(trt_module, onnx_path, input_name, shape, variant, *args):
         builds.append(variant)
-        entry = {"file": f"engines/{variant}-FakeGPU.plan", "variant": variant, "key": "FakeGPU"}
-        b.add_files({entry["file"]: b"fake engine"}, {"engines": [entry]})
+        return b"fake engine"
 
-    trt_build = types.ModuleType("mtl_edge.backends.trt_build")
-    trt_build.engine_key = lambda: "FakeGPU"
-    trt_build.build_engine = build_engine
+    monkeypatch.setattr(trt_build, "this_gpu", lambda: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(trt_build, "_build_serialized", build_serialized)
     for name, module in {
         "tensorrt": trt,
         "cuda": cuda_pkg,
         "cuda.bindings": bindings,
         "cuda.bindings.runtime": cudart,
-        "mtl_edge.backends.trt_build": trt_build,
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
-    import mtl_edge.backends as backends_pkg
-
-    monkeypatch.setattr(backends_pkg, "trt_build", trt_build, raising=False)
     return types.SimpleNamespace(bundle=bundle, cudart=cudart, trt=trt, builds=builds)
 
 
@@ -328,6 +306,8 @@ def test_tensorrt_runtime_logic_with_fakes(fake_trt) -> None:
     assert available_backends()["tensorrt"] is None
     extractor = create_backend("tensorrt", fake_trt.bundle, batch_size=32)
     assert fake_trt.builds == ["fp32"]  # no engine for this GPU: built once and stored
+    entry = Bundle.load(fake_trt.bundle.root).manifest["engines"][0]
+    assert entry["key"] == "Fake-GPU-sm90-trt10.3.0" and entry["variant"] == "fp32"
     assert extractor.provider == "TensorRT 10.3.0 on FakeGPU" and extractor.batch_size == 4
     images = _images(10, seed=3)
     features = extractor.extract(images)

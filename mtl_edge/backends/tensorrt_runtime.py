@@ -65,46 +65,26 @@ def _check(cudart: Any, result: tuple[Any, ...], what: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def find_engine(bundle: Bundle, variant: str, key: str) -> Path | None:
-    """The engine file of `variant` built for `key` (this GPU and TensorRT), if present."""
-    for entry in bundle.manifest.get("engines", []):
-        if entry.get("variant") != variant:
-            continue
-        if entry.get("key") == key or key in str(entry.get("file", "")):
-            path = bundle.root / entry["file"]
-            if path.is_file():
-                return path
-    return None
-
-
 def engine_for(bundle: Bundle, variant: str, build: bool = True) -> Path:
-    """The engine to run: the stored one for this GPU, else a freshly built one.
+    """The engine to run: the bundle's one for this GPU and TensorRT, else a freshly built one
+    (stored in the bundle by `trt_build.build_engine`).
 
     Raises:
-        UnavailableError: TensorRT is absent, or no engine exists and `build` is False.
+        UnavailableError: TensorRT or the GPU is absent, or no engine exists and not `build`.
     """
     from mtl_edge.backends import trt_build
 
     key = trt_build.engine_key()
-    path = find_engine(bundle, variant, key)
-    if path is not None:
-        return path
+    entry = trt_build.find_built(bundle, variant, key)
+    if entry is not None:
+        return bundle.root / entry["file"]
     if not build:
         raise UnavailableError(
             f"{bundle.root}: no TensorRT engine of {variant!r} for this GPU ({key}); build "
-            "one with `mtl-edge export` on this machine or allow building"
+            "one with `mtl-edge export --tensorrt` on this machine or allow building"
         )
     log.info("no TensorRT engine for %s (%s): building one (this can take minutes)", key, variant)
-    trt_build.build_engine(bundle, variant)
-    reloaded = Bundle.load(bundle.root)
-    bundle.manifest = reloaded.manifest
-    path = find_engine(bundle, variant, key)
-    if path is None:
-        raise BundleError(
-            f"{bundle.root}: the TensorRT build finished but the manifest lists no engine for "
-            f"{key}; build it again with `mtl-edge export`"
-        )
-    return path
+    return trt_build.build_engine(bundle, variant)
 
 
 class TensorRTExtractor:
