@@ -130,11 +130,21 @@ def nearest_centroid(features: np.ndarray, episode: Episode) -> np.ndarray:
     return d2.argmin(axis=1)
 
 
+def per_episode_accuracy(features: np.ndarray, episodes: Sequence[Episode]) -> np.ndarray:
+    """Nearest-centroid query accuracy of each episode, shape (len(episodes),)."""
+    return np.array([(nearest_centroid(features, e) == e.query_labels()).mean() for e in episodes])
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """Mean and 95% interval half-width (1.96 std / sqrt n) of per-episode values."""
+    ci = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return float(values.mean()), float(ci)
+
+
 def episode_accuracy(features: np.ndarray, episodes: Sequence[Episode]) -> dict[str, float]:
-    """Mean nearest-centroid accuracy over `episodes` and its 95% interval (1.96 std / sqrt n)."""
-    accs = np.array([(nearest_centroid(features, e) == e.query_labels()).mean() for e in episodes])
-    ci = 1.96 * accs.std(ddof=1) / np.sqrt(len(accs)) if len(accs) > 1 else 0.0
-    return {"accuracy": float(accs.mean()), "ci95": float(ci), "episodes": len(accs)}
+    """Mean nearest-centroid accuracy over `episodes` and its 95% interval."""
+    mean, ci = mean_ci95(per_episode_accuracy(features, episodes))
+    return {"accuracy": mean, "ci95": ci, "episodes": len(episodes)}
 
 
 def episode_agreement(

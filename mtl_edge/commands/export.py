@@ -59,7 +59,8 @@ def _fmt_acc(entry: dict[str, Any]) -> str:
         if a:
             parts.append(
                 f"{shots}-shot {100 * a['fp32']:.2f} -> {100 * a['variant']:.2f} "
-                f"({100 * a['change']:+.2f} pts, {a['episodes']} episodes)"
+                f"({100 * a['change']:+.2f} +- {100 * a.get('change_ci95', 0.0):.2f} pts, "
+                f"{a['episodes']} episodes)"
             )
     return "; ".join(parts)
 
