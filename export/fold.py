@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,10 +29,6 @@ def is_ss_conv(module: nn.Module) -> bool:
     return hasattr(module, "ss_scale") and hasattr(module, "effective_weight_and_bias")
 
 
-def _conv_attr(module: nn.Module, name: str, default: object) -> object:
-    return getattr(module, name, default)
-
-
 def plain_conv_from_ss(ss: nn.Module) -> nn.Conv2d:
     """A plain `nn.Conv2d` (with bias) computing what the SS conv computes.
 
@@ -40,30 +37,32 @@ def plain_conv_from_ss(ss: nn.Module) -> nn.Conv2d:
             (out, in / groups, k, k), bias of shape (out,) or None) and the usual conv
             attributes (stride, padding, dilation, groups, padding_mode).
     """
+    conv_like: Any = ss
     with torch.no_grad():
-        weight, bias = ss.effective_weight_and_bias()
+        weight, bias = conv_like.effective_weight_and_bias()
     weight = weight.detach()
     out_ch, in_per_group, kh, kw = weight.shape
-    groups = int(_conv_attr(ss, "groups", 1))  # type: ignore[arg-type]
+    groups = int(getattr(conv_like, "groups", 1))
     conv = nn.Conv2d(
         in_per_group * groups,
         out_ch,
         (kh, kw),
-        stride=_conv_attr(ss, "stride", 1),  # type: ignore[arg-type]
-        padding=_conv_attr(ss, "padding", 0),  # type: ignore[arg-type]
-        dilation=_conv_attr(ss, "dilation", 1),  # type: ignore[arg-type]
+        stride=getattr(conv_like, "stride", 1),
+        padding=getattr(conv_like, "padding", 0),
+        dilation=getattr(conv_like, "dilation", 1),
         groups=groups,
         bias=True,
-        padding_mode=str(_conv_attr(ss, "padding_mode", "zeros")),
+        padding_mode=getattr(conv_like, "padding_mode", "zeros"),
         device=weight.device,
         dtype=weight.dtype,
     )
+    conv_bias: Any = conv.bias
     with torch.no_grad():
         conv.weight.copy_(weight)
         if bias is None:
-            conv.bias.zero_()
+            conv_bias.zero_()
         else:
-            conv.bias.copy_(bias.detach())
+            conv_bias.copy_(bias.detach())
     return conv
 
 
@@ -214,8 +213,8 @@ def fold_model(model: nn.Module) -> nn.Module:
 def fold_error(reference: nn.Module, folded: nn.Module, inputs: torch.Tensor) -> float:
     """Max abs difference of `forward_features` between two networks on `inputs` of shape
     (N, C, H, W); both are run in eval mode."""
-    reference.eval()
-    folded.eval()
-    a = reference.forward_features(inputs)
-    b = folded.forward_features(inputs)
+    ref: Any = reference.eval()
+    out: Any = folded.eval()
+    a = ref.forward_features(inputs)
+    b = out.forward_features(inputs)
     return float((a - b).abs().max())

@@ -12,6 +12,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,8 @@ class FeatureGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (N, C, H, W) float32 -> features (N, D)."""
-        return self.backbone.forward_features(images)
+        backbone: Any = self.backbone
+        return backbone.forward_features(images)
 
 
 def export_onnx(
