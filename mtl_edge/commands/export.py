@@ -151,6 +151,9 @@ def register(app: typer.Typer, name: str) -> None:
         calib: Path | None = typer.Option(
             None, "--calib", help="Calibration images (class folders or flat) for --int8."
         ),
+        calib_images: int = typer.Option(
+            300, "--calib-images", min=1, help="Calibration images to use (spread over classes)."
+        ),
         fp16: bool = typer.Option(False, "--fp16", help="Also write an FP16 variant (GPUs)."),
         tensorrt: bool = typer.Option(
             False, "--tensorrt", help="Build TensorRT engines on this machine (needs a GPU)."
@@ -214,6 +217,7 @@ def register(app: typer.Typer, name: str) -> None:
             eval_data=eval_data,
             seed=seed,
             head=_head_overrides(head_steps, head_lr, head_init),
+            calib_images=calib_images,
             trt_opt_batch=opt_batch,
             trt_max_batch=max_batch,
         )
