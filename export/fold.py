@@ -124,9 +124,12 @@ def traced_conv_bn_pairs(model: nn.Module) -> ConvBnPairs:
 
 
 def registry_conv_bn_pairs(model: nn.Module) -> ConvBnPairs | None:
-    """The backbone registry's `conv_bn_pairs(model)`, or None when the training stack lacks it.
+    """The backbone registry's `conv_bn_pairs(model)` for the registry's own backbones, or None
+    (another network, or no training stack).
 
     The registry knows the pairs of SS networks too (its convs may be SS convs)."""
+    if not type(model).__module__.startswith(("mtl_edge.train", "train.")):
+        return None
     try:
         from mtl_edge.train.backbones import conv_bn_pairs
     except ImportError:
