@@ -349,7 +349,22 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def require_workstation() -> None:
+    """Raise UnavailableError (exit 2) unless torch, onnx and onnxscript are importable."""
+    import importlib
+
+    for module in ("torch", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UnavailableError(
+                f"`mtl-edge export` needs {module} ({e}); pip install 'mtl-edge[train,cpu]' on "
+                "the workstation (`mtl-edge export check` works without it)"
+            ) from None
+
+
 def _check_preflight(out: Path, force: bool, opts: ExportOptions) -> None:
+    require_workstation()
     if out.exists() and not force:
         raise MtlEdgeError(f"{out}: already exists; choose another --out or pass --force")
     if opts.tensorrt:
@@ -415,9 +430,9 @@ def export_checkpoint(
 def _export(
     path: Path, out: Path, opts: ExportOptions, force: bool, model_factory: ModelFactory | None
 ) -> tuple[Bundle, dict[str, Any]]:
+    _check_preflight(out, force, opts)
     from mtl_edge.export import fold, onnx_export, parity
 
-    _check_preflight(out, force, opts)
     ckpt = read_checkpoint(path)
     try:
         preprocess = Preprocess.from_dict(dict(ckpt["preprocess"]))

@@ -139,3 +139,30 @@ def test_help_shows_both_forms(capsys: pytest.CaptureFixture[str]) -> None:
     code, text, _ = run(["export", "--help"], capsys)
     assert code == 0
     assert "export check BUNDLE" in text and "--calib" in text
+
+
+def test_check_runs_without_torch(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`export check` is for devices too: it must not need torch or onnx."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bundle"
+    assert run(["export", str(ckpt), "-o", str(out)], capsys)[0] == 0
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+        "from mtl_edge.cli import main\n"
+        f"main(['export', 'check', {str(out)!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "check: PASS" in done.stdout
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from mtl_edge.cli import main\n"
+        f"main(['export', {str(ckpt)!r}, '--out', {str(tmp_path / 'x')!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "needs torch" in done.stderr and done.stderr.count("\n") == 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from mtl_edge.errors import ConfigError, MtlEdgeError, UnavailableError
+from mtl_edge.errors import ConfigError, MtlEdgeError
 
 HELP = """Fold SS and BatchNorm, export ONNX (+ INT8 / FP16 / TensorRT), write a model bundle.
 
@@ -37,19 +37,6 @@ _EXPORT_ONLY = (
     "--head-lr",
     "--head-init",
 )
-
-
-def _import_api() -> Any:
-    try:
-        from mtl_edge.export import api
-    except ModuleNotFoundError as e:
-        if e.name and e.name.split(".")[0] in ("torch", "onnx", "onnxscript", "onnxruntime"):
-            raise UnavailableError(
-                f"`mtl-edge export` needs {e.name} ({e}); pip install 'mtl-edge[train,cpu]' on "
-                "the workstation"
-            ) from None
-        raise
-    return api
 
 
 def _fmt_acc(entry: dict[str, Any]) -> str:
@@ -198,7 +185,8 @@ def register(app: typer.Typer, name: str) -> None:
             raise ConfigError("--out BUNDLE is required: the folder to write the bundle to")
         if calib is not None and not int8:
             raise ConfigError("--calib is only used with --int8; add --int8 or drop --calib")
-        api = _import_api()
+        from mtl_edge.export import api
+
         eval_data = None
         if eval_dir is not None:
             from mtl_edge.data.folders import read_class_folders
