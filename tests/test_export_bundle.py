@@ -252,3 +252,42 @@ def test_manifest_is_plain_json(full: tuple[Path, Bundle, dict[str, Any]]) -> No
     text = (full[1].root / "manifest.json").read_text()
     assert json.loads(text)["schema"] == "mtl-edge.bundle"
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_registry_backbone_through_default_factory(tmp_path: Path) -> None:
+    """A real registry backbone (conv4, one channel, 28x28 like Omniglot), built by the default
+    factory from the checkpoint's name and model_args; SS when the training stack has it."""
+    backbones = pytest.importorskip("mtl_edge.train.backbones")
+    from test_fold import randomize
+
+    from mtl_edge.preprocess import Preprocess
+
+    model = backbones.create_backbone("conv4", in_channels=1)
+    stage = "pretrain"
+    try:
+        from mtl_edge.train.ss import convert_to_ss
+    except ImportError:
+        pass
+    else:
+        model, stage = convert_to_ss(model, shortcut=True), "meta"
+    model = randomize(model)
+    ckpt = tmp_path / "conv4.pt"
+    torch.save(
+        {
+            "format": "mtl-edge.checkpoint",
+            "version": 1,
+            "model": "conv4",
+            "model_args": dict(model.model_args),
+            "state_dict": model.state_dict(),
+            "stage": stage,
+            "preprocess": Preprocess(size=28, color_mode="L", mean=(0.0,), std=(1.0,)).to_dict(),
+            "config": {},
+            "metrics": {},
+        },
+        ckpt,
+    )
+    bundle, report = api.export_checkpoint(ckpt, tmp_path / "b", parity_episodes=50)
+    assert bundle.backbone_name == "conv4"
+    assert bundle.manifest["backbone"]["input_shape"] == [1, 28, 28]
+    assert bundle.feature_dim == model.feature_dim
+    assert report["parity"]["pass"]
