@@ -166,3 +166,29 @@ def test_check_runs_without_torch(
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2
     assert "needs torch" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_eval_folder_is_used(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mtl_edge.data.synthetic import make_synthetic_split, write_class_folders
+
+    evald = write_class_folders(make_synthetic_split(6, 16, 20, seed=4), tmp_path / "eval")
+    out = tmp_path / "bundle"
+    code, text, err = run(
+        ["export", str(ckpt), "-o", str(out), "--eval", str(evald), "--json"], capsys
+    )
+    assert code == 0, err
+    real = json.loads(text)["report"]["parity"]["real"]
+    assert real["data"] == "eval" and real["images"] == 96
+
+
+def test_check_unloadable_variant(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from mtl_edge.bundle import Bundle
+
+    out = tmp_path / "bundle"
+    assert run(["export", str(ckpt), "-o", str(out), "--fp16"], capsys)[0] == 0
+    # Consistent hashes but a file onnxruntime cannot read.
+    Bundle.load(out).add_files({"backbone.fp16.onnx": b"not onnx"}, {})
+    code, _, err = run(["export", "check", str(out)], capsys)
+    assert code == 1 and "onnxruntime cannot load it" in err and err.count("\n") == 1
