@@ -208,8 +208,10 @@ def _find(doc: Any, *names: str) -> Any:
     """First value under any of `names` in a nested dict (depth-first), or None."""
     if isinstance(doc, Mapping):
         for name in names:
-            if name in doc and doc[name] not in (None, "", {}):
-                return doc[name]
+            value = doc.get(name)
+            empty = value is None or (isinstance(value, str | Mapping) and not value)
+            if not empty:
+                return value
         for value in doc.values():
             found = _find(value, *names)
             if found is not None:
@@ -523,7 +525,7 @@ def _export(
             "preprocess": preprocess.to_dict(),
             "head": head,
             "variants": variants,
-            "provenance": _provenance(path, ckpt, opts.seed),
+            "provenance": _json_safe(_provenance(path, ckpt, opts.seed)),
             "metrics": _json_safe(ckpt.get("metrics") or {}),
             "parity": report["parity"],
             "quantization": report.get("quantization", {}),
