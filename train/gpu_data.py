@@ -1,4 +1,4 @@
-"""A device-resident dataset: a whole split decoded once into a uint8 tensor, augmented on the device.
+"""A device-resident dataset: a split decoded once into a uint8 tensor, augmented on the device.
 
 On a GPU the data loader must never be the bottleneck (issue 9): instead of decoding JPEGs per
 step, `DeviceDataset.from_split` decodes the split once (`mtl_edge.train.datasets.decode_split`,
@@ -225,7 +225,8 @@ class DeviceDataset:
         idx = self._index(indices)
         x = self.images[idx].to(torch.float32) * self.preprocess.scale
         b, dev, s = x.shape[0], self.device, self.preprocess.size
-        # Crop as fractions of the full image: area a, aspect r -> width sqrt(a r), height sqrt(a/r).
+        # Crop as fractions of the full image: area a, aspect r -> width sqrt(a*r), height
+        # sqrt(a/r); a negative x-scale mirrors the crop (the flip).
         area = _uniform(b, aug.scale[0], aug.scale[1], gen, dev)
         log_r = _uniform(b, math.log(aug.ratio[0]), math.log(aug.ratio[1]), gen, dev)
         cw = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
