@@ -52,6 +52,8 @@ class ExportOptions:
         eval_data: labelled split for episode parity and the INT8 accuracy change; None uses
             a small built-in synthetic split.
         parity_episodes, quant_episodes: fixed episodes for the two checks.
+        eval_per_class: images per class of `eval_data` used (the first ones), which bounds
+            the feature extraction time of the checks.
         seed: seed of the episodes, random inputs and calibration sample.
         head: overrides of the head recipe (steps, lr, init, normalize, weight_decay).
         trt_opt_batch, trt_max_batch: TensorRT optimisation profile.
@@ -65,6 +67,7 @@ class ExportOptions:
     eval_data: ImageSplit | None = None
     parity_episodes: int = 200
     quant_episodes: int = 600
+    eval_per_class: int = 30
     seed: int = 0
     head: dict[str, Any] = field(default_factory=dict)
     trt_opt_batch: int = 8
@@ -202,6 +205,12 @@ def synthetic_eval_split(preprocess: Preprocess, seed: int = 0) -> ImageSplit:
     return make_synthetic_split(
         10, 20, size, seed, preprocess.color_mode, name="synthetic/export-check"
     )
+
+
+def first_per_class(split: ImageSplit, count: int) -> ImageSplit:
+    """The first `count` samples of every class of `split` (all classes kept)."""
+    keep = np.concatenate([idx[:count] for idx in split.indices_by_class()])
+    return split.take(np.sort(keep)) if len(keep) < len(split) else split
 
 
 def _find(doc: Any, *names: str) -> Any:
@@ -470,7 +479,11 @@ def _export(
             f"{path}: folded network differs from the trained one by {err:.3g}; this is a bug, "
             "please report it with the checkpoint"
         )
-    eval_split = opts.eval_data or synthetic_eval_split(preprocess, opts.seed)
+    eval_split = (
+        synthetic_eval_split(preprocess, opts.seed)
+        if opts.eval_data is None
+        else first_per_class(opts.eval_data, opts.eval_per_class)
+    )
     variants: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="mtl-edge-export.") as tmp:
         fp32 = onnx_export.export_onnx(folded, preprocess.input_shape, Path(tmp) / "backbone.onnx")

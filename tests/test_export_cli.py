@@ -174,11 +174,13 @@ def test_eval_folder_is_used(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureF
     evald = write_class_folders(make_synthetic_split(6, 16, 20, seed=4), tmp_path / "eval")
     out = tmp_path / "bundle"
     code, text, err = run(
-        ["export", str(ckpt), "-o", str(out), "--eval", str(evald), "--json"], capsys
+        ["export", str(ckpt), "-o", str(out), "--eval", str(evald), "--json"]
+        + ["--eval-per-class", "12"],
+        capsys,
     )
     assert code == 0, err
     real = json.loads(text)["report"]["parity"]["real"]
-    assert real["data"] == "eval" and real["images"] == 96
+    assert real["data"] == "eval" and real["images"] == 6 * 12
 
 
 def test_check_unloadable_variant(

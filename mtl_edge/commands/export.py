@@ -149,6 +149,9 @@ def register(app: typer.Typer, name: str) -> None:
         eval_dir: Path | None = typer.Option(
             None, "--eval", help="Class folders for the episode checks (default: synthetic)."
         ),
+        eval_per_class: int = typer.Option(
+            30, "--eval-per-class", min=1, help="Images per --eval class used by the checks."
+        ),
         head_steps: int | None = typer.Option(None, "--head-steps", help="Head recipe steps."),
         head_lr: float | None = typer.Option(None, "--head-lr", help="Head recipe lr."),
         head_init: str | None = typer.Option(
@@ -206,6 +209,7 @@ def register(app: typer.Typer, name: str) -> None:
             seed=seed,
             head=_head_overrides(head_steps, head_lr, head_init),
             calib_images=calib_images,
+            eval_per_class=eval_per_class,
             trt_opt_batch=opt_batch,
             trt_max_batch=max_batch,
         )
