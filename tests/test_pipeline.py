@@ -312,3 +312,31 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path) -> None:
     # Resume: a second run with --resume skips every stage and gives the same table.
     run_pipeline(recipe, tmp_path / "run", resume=True)
     assert json.loads((tmp_path / "run" / "report" / "accuracy.json").read_text()) == rows
+
+
+def test_cli_runs_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from mtl_edge.train import pipeline
+    from mtl_edge.train.pipeline_cli import register
+
+    toy = ToyStages()
+    monkeypatch.setattr(pipeline, "STAGE_FNS", _fns(toy))
+    app = typer.Typer()
+    register(app)
+    app.command(name="unused")(lambda: None)  # a second command keeps "pipeline" a subcommand
+    recipe = _recipe(tmp_path).path
+    args = ["pipeline", "--recipe", str(recipe), "--out", str(tmp_path / "run")]
+    first = CliRunner().invoke(app, [*args, "--stages", "pretrain", "--set", "pipeline.seed=3"])
+    assert first.exit_code == 0, first.output
+    assert "pretrain: done" in first.output
+    other = CliRunner().invoke(app, [*args, "--resume"])
+    assert isinstance(other.exception, MtlEdgeError) and "another recipe" in str(other.exception)
+    second = CliRunner().invoke(app, [*args, "--resume", "--json", "--set", "pipeline.seed=3"])
+    assert second.exit_code == 0, second.output
+    record = json.loads(second.output)
+    assert record["settings"]["seed"] == 3 and list(record["stages"]) == list(STAGES)
+    assert toy.calls["pretrain"] == 1
+    bad = CliRunner().invoke(app, [*args, "--stages", "deploy"])
+    assert isinstance(bad.exception, ConfigError)

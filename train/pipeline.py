@@ -26,6 +26,7 @@ a one-line message naming it, never a stand-in result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -396,7 +397,14 @@ def run_pipeline(
         )
     run.mkdir(parents=True, exist_ok=True)
     record = read_stages(run)
+    digest = hashlib.sha256(json.dumps(rec.doc, sort_keys=True).encode()).hexdigest()
+    if done and record.get("recipe_sha256", digest) != digest:
+        raise MtlEdgeError(
+            f"{run}: was started with another recipe or --set values (see "
+            f"{run / 'recipe.resolved.json'}); resume with the same ones or use a new --out"
+        )
     record.update(
+        recipe_sha256=digest,
         recipe=str(rec.path),
         overrides=list(rec.overrides),
         settings=_json_safe(asdict(rec.settings)),
