@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import typer
@@ -52,3 +53,28 @@ def register(train_app: typer.Typer) -> None:
         for line in _summary(record):
             typer.echo(line)
         typer.echo(f"report: {out / 'report'}")
+
+
+def main() -> None:
+    """`python -m mtl_edge.train.pipeline_cli pipeline ...`: the command without the `mtl-edge`
+    group wiring (the GPU script uses it), with the CLI's one-line errors."""
+    import sys
+
+    from mtl_edge.errors import MtlEdgeError
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    register(app)
+
+    @app.callback()
+    def _root() -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        app(prog_name="pipeline_cli")
+    except MtlEdgeError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
