@@ -229,8 +229,9 @@ def _find(doc: Any, *names: str) -> Any:
 
 
 def config_train_split(ckpt: dict[str, Any], color_mode: str) -> ImageSplit | None:
-    """The training split named in the checkpoint config ({"data": {"kind", "root", ...}}),
-    or None when the config names none or it is not on this machine."""
+    """The training split named in the checkpoint config (`{"data": {"kind", "root",
+    "options": {...}}}` as in the recipes; reader options may also sit beside "kind"), or None
+    when the config names none or it is not on this machine."""
     data = _find(ckpt.get("config") or {}, "data", "dataset")
     if not isinstance(data, Mapping) or "kind" not in data:
         return None
@@ -239,7 +240,9 @@ def config_train_split(ckpt: dict[str, Any], color_mode: str) -> ImageSplit | No
 
         kind = str(data["kind"])
         allowed = set(reader_options(kind))
-        options = {k: v for k, v in data.items() if k in allowed}
+        nested = data.get("options") if isinstance(data.get("options"), Mapping) else {}
+        merged = {**dict(nested), **{k: v for k, v in data.items() if k != "options"}}
+        options = {k: v for k, v in merged.items() if k in allowed}
         if "color_mode" in allowed:
             options.setdefault("color_mode", color_mode)
         return open_split(kind, data.get("root"), str(data.get("train_split", "train")), **options)

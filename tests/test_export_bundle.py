@@ -218,7 +218,8 @@ def test_int8_needs_calibration_images(tmp_path: Path) -> None:
 
 def test_int8_calibrates_on_the_config_split(tmp_path: Path) -> None:
     """Without --calib, the training split named in the checkpoint config is used."""
-    config = {"data": {"kind": "synthetic", "size": 24, "per_class": 4, "train_classes": 5}}
+    options = {"size": 24, "per_class": 4, "train_classes": 5}
+    config = {"data": {"kind": "synthetic", "options": options}}
     ckpt = tiny_checkpoint(tmp_path / "m.pt", config=config)
     bundle, report = export(ckpt, tmp_path / "o", int8=True, quant_episodes=20)
     assert report["quantization"]["calibration_data"] == "synthetic/train"
