@@ -60,9 +60,10 @@ class SSConv2d(nn.Module):
         self.register_buffer("weight", w)
         self.register_buffer("bias", b)
         out_ch, in_per_group = w.shape[:2]
-        like = {"dtype": w.dtype, "device": w.device}
-        self.ss_scale = nn.Parameter(torch.ones(out_ch, in_per_group, 1, 1, **like))
-        self.ss_shift = nn.Parameter(torch.zeros(out_ch, **like))
+        self.ss_scale = nn.Parameter(
+            torch.ones(out_ch, in_per_group, 1, 1, dtype=w.dtype, device=w.device)
+        )
+        self.ss_shift = nn.Parameter(torch.zeros(out_ch, dtype=w.dtype, device=w.device))
 
     def effective_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W * Phi_S1 of shape (out, in / groups, k, k), b + Phi_S2 of shape (out,))."""
