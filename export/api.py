@@ -278,11 +278,34 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _meta_head_recipe(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The head recipe meta-training evaluated with (its `meta` table: test_steps, inner_lr,
+    inner_weight_decay, normalize), so the device adapts the head as meta-test did."""
+    meta = config.get("meta")
+    if not isinstance(meta, Mapping):
+        return {}
+    if meta.get("inner_loss", "mean") != "mean":
+        log.warning(
+            "meta.inner_loss=%r: the device head minimises the mean loss; the bundle keeps the "
+            "default head lr (set --head-lr to match)",
+            meta.get("inner_loss"),
+        )
+        pairs = {"test_steps": "steps", "normalize": "normalize"}
+    else:
+        pairs = {
+            "test_steps": "steps",
+            "inner_lr": "lr",
+            "inner_weight_decay": "weight_decay",
+            "normalize": "normalize",
+        }
+    return {head: meta[key] for key, head in pairs.items() if key in meta}
+
+
 def _head_section(
     path: Path, ckpt: dict[str, Any], overrides: Mapping[str, Any], files: dict[str, Any]
 ) -> dict[str, Any]:
     """The manifest's head recipe; stores the meta-learned FC init as .npy files when present."""
-    recipe: dict[str, Any] = {}
+    recipe = _meta_head_recipe(ckpt.get("config") or {})
     found = _find(ckpt.get("config") or {}, "head")
     if isinstance(found, Mapping):
         recipe.update({k: v for k, v in found.items() if k in HeadRecipe.__dataclass_fields__})

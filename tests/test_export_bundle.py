@@ -292,3 +292,14 @@ def test_registry_backbone_through_default_factory(tmp_path: Path) -> None:
     assert bundle.manifest["backbone"]["input_shape"] == [1, 28, 28]
     assert bundle.feature_dim == model.feature_dim
     assert report["parity"]["pass"]
+
+
+def test_head_recipe_follows_meta_settings(tmp_path: Path) -> None:
+    config = {"meta": {"test_steps": 40, "inner_lr": 0.05, "inner_weight_decay": 0.001}}
+    bundle, _ = export(tiny_checkpoint(tmp_path / "m.pt", config=config), tmp_path / "b")
+    head = bundle.head
+    assert (head.steps, head.lr, head.weight_decay, head.init) == (40, 0.05, 0.001, "meta")
+    summed = {"meta": {"test_steps": 40, "inner_lr": 0.05, "inner_loss": "sum"}}
+    bundle, _ = export(tiny_checkpoint(tmp_path / "s.pt", config=summed), tmp_path / "s")
+    # A summed inner loss has no fixed mean-loss lr: steps follow, lr stays the default.
+    assert (bundle.head.steps, bundle.head.lr) == (40, 0.01)
