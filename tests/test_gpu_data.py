@@ -156,3 +156,21 @@ def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
         DeviceAugment(scale=(0.0, 1.0))
     with pytest.raises(ConfigError, match="batch_size"):
         next(_tiny().batches(0, make_generator(0, "cpu")))
+
+
+def test_decode_cache_is_reused(tmp_path: Path, monkeypatch) -> None:
+    import mtl_edge.train.datasets as datasets
+
+    split = _jpeg_split(tmp_path)
+    cfg = Preprocess(size=24)
+    first = DeviceDataset.from_split(
+        split, cfg, device="cpu", workers=1, progress=False, cache_dir=tmp_path / "cache"
+    )
+    assert len(list((tmp_path / "cache").glob("*-24-RGB.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(datasets, "decode_split", no_decoding)
+    second = DeviceDataset.from_split(split, cfg, device="cpu", cache_dir=tmp_path / "cache")
+    assert torch.equal(first.images, second.images)

@@ -19,18 +19,23 @@ model's images/s without the real data path (the loader is fast enough when both
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtl_edge.atomicio import atomic_write
 from mtl_edge.data.episodes import Episode
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError
 from mtl_edge.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,29 @@ def default_device() -> torch.device:
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A generator on `device` seeded with `seed` (random ops need one on their own device)."""
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+
+
+def _decoded(
+    split: ImageSplit,
+    size: int,
+    workers: int | None,
+    progress: bool | None,
+    cache_dir: str | Path | None,
+) -> np.ndarray:
+    """`decode_split(split, size)`, through a .npy file in `cache_dir` when given."""
+    from mtl_edge.train.datasets import decode_split
+
+    if cache_dir is None:
+        return decode_split(split, size=size, workers=workers, progress=progress)
+    path = Path(cache_dir) / f"{split.fingerprint()[:16]}-{size}-{split.color_mode}.npy"
+    if path.is_file():
+        try:
+            return np.load(path, mmap_mode=None, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable decode cache (%s); decoding again", path, e)
+    array = decode_split(split, size=size, workers=workers, progress=progress)
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    return array
 
 
 def _uniform(
@@ -137,12 +165,15 @@ class DeviceDataset:
         dtype: torch.dtype = torch.float32,
         workers: int | None = None,
         progress: bool | None = None,
+        cache_dir: str | Path | None = None,
     ) -> DeviceDataset:
         """Decode `split` once and move it to `device`.
 
         Images are stored at `preprocess.resize or preprocess.size` (shorter side resized, then
         center-cropped square). With `synthetic`, nothing is decoded: random uint8 pixels of the
-        same shape (drawn from `seed`) stand in, with the split's labels.
+        same shape (drawn from `seed`) stand in, with the split's labels. With `cache_dir`, the
+        decoded array is kept there as `<fingerprint>-<size>-<mode>.npy` and read back by later
+        processes (each pipeline stage is a process of its own on the GPU machine).
         """
         dev = torch.device(device) if device is not None else default_device()
         if split.color_mode != preprocess.color_mode:
@@ -158,9 +189,7 @@ class DeviceDataset:
             shape = (len(split), preprocess.channels, stored, stored)
             images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
         else:
-            from mtl_edge.train.datasets import decode_split
-
-            array = decode_split(split, size=stored, workers=workers, progress=progress)
+            array = _decoded(split, stored, workers, progress, cache_dir)
             if array.ndim == 3:
                 array = array[:, :, :, None]
             images = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
