@@ -519,6 +519,9 @@ def _export(
         rep = parity.tensor_parity(
             folded, fp32, preprocess.input_shape, seed=opts.seed, session=session
         )
+        log.info(
+            "parity: onnxruntime vs torch on %d images of %s", len(eval_split), eval_split.name
+        )
         images = parity.split_images(eval_split, preprocess)
         rep["real"] = parity.features_parity(
             folded, session, eval_split, images, opts.parity_episodes, opts.seed
@@ -600,6 +603,7 @@ def _int8_variants(
     for name in quantize.VARIANTS:
         file = f"backbone.{name}.onnx"
         target = tmp / file
+        log.info("quantizing %s on %d calibration images", name, len(calib))
         settings = quantize.quantize_variant(fp32, target, calib, name)
         feats = parity.ort_features(parity.ort_session(target), images)
         entry = {
@@ -635,6 +639,7 @@ def _fp16_variant(
     from mtl_edge.export import fp16, parity, quantize
 
     target = tmp / "backbone.fp16.onnx"
+    log.info("converting to fp16")
     settings = fp16.convert_fp16(fp32, target)
     feats = parity.ort_features(parity.ort_session(target), images)
     files["backbone.fp16.onnx"] = target
