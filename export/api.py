@@ -699,7 +699,15 @@ def check_bundle(path: str | Path, seed: int = 0) -> dict[str, Any]:
                 f"{bundle.variant_path(name)}: onnxruntime cannot load it ({first}); export the "
                 "bundle again"
             ) from None
-        feats = parity.ort_features(session, inputs, batch_size=7)
+        try:
+            feats = parity.ort_features(session, inputs, batch_size=7)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise BundleError(
+                f"{bundle.variant_path(name)}: onnxruntime fails on inputs of shape "
+                f"(7, {', '.join(map(str, preprocess.input_shape))}) ({first}); the graph does "
+                "not match the manifest, export the bundle again"
+            ) from None
         if feats.shape != (len(inputs), bundle.feature_dim):
             raise BundleError(
                 f"{bundle.variant_path(name)}: gives features of shape {feats.shape[1:]}, "

@@ -194,3 +194,11 @@ def test_check_unloadable_variant(
     Bundle.load(out).add_files({"backbone.fp16.onnx": b"not onnx"}, {})
     code, _, err = run(["export", "check", str(out)], capsys)
     assert code == 1 and "onnxruntime cannot load it" in err and err.count("\n") == 1
+
+
+def test_check_static_batch_graph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from device_fixtures import make_bundle
+
+    make_bundle(tmp_path / "b", static_batch=4)
+    code, _, err = run(["export", "check", str(tmp_path / "b")], capsys)
+    assert code == 1 and "onnxruntime fails on inputs" in err and err.count("\n") == 1
