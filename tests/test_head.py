@@ -157,9 +157,17 @@ def test_imprint_needs_every_class() -> None:
         fit_head(np.ones((2, 4)), np.array([0, 0]), 2, init="imprint")
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("init", ["zeros", "meta"])
-def test_matches_the_torch_inner_loop(normalize: bool, init: str) -> None:
+@pytest.mark.parametrize(
+    "normalize, init, weight_decay",
+    [
+        (False, "zeros", 0.0),
+        (True, "zeros", 0.0),
+        (False, "meta", 0.0),
+        (True, "meta", 0.0),
+        (True, "meta", 0.05),
+    ],
+)
+def test_matches_the_torch_inner_loop(normalize: bool, init: str, weight_decay: float) -> None:
     torch = pytest.importorskip("torch")
     base_learner = pytest.importorskip("mtl_edge.train.base_learner")
     x, y = _task(ways=5, shots=5, dim=64, seed=3)
@@ -169,7 +177,17 @@ def test_matches_the_torch_inner_loop(normalize: bool, init: str) -> None:
         b0 = rng.normal(0, 0.1, size=5).astype(np.float32)
     else:
         w0, b0 = np.zeros((5, 64), np.float32), np.zeros(5, np.float32)
-    ours = fit_head(x, y, 5, steps=100, lr=0.01, init=init, meta_init=(w0, b0), normalize=normalize)
+    ours = fit_head(
+        x,
+        y,
+        5,
+        steps=100,
+        lr=0.01,
+        init=init,
+        meta_init=(w0, b0),
+        normalize=normalize,
+        weight_decay=weight_decay,
+    )
     weight = torch.tensor(w0, requires_grad=True)
     bias = torch.tensor(b0, requires_grad=True)
     tw, tb = base_learner.inner_loop(
@@ -181,6 +199,7 @@ def test_matches_the_torch_inner_loop(normalize: bool, init: str) -> None:
         lr=0.01,
         create_graph=False,
         normalize=normalize,
+        weight_decay=weight_decay,
     )
     np.testing.assert_allclose(ours.weight, tw.detach().numpy(), atol=1e-4)
     np.testing.assert_allclose(ours.bias, tb.detach().numpy(), atol=1e-4)
