@@ -424,3 +424,45 @@ def test_gpu_scripts_pack_and_restore(tmp_path: Path) -> None:
     part.write_bytes(part.read_bytes()[:-10] + b"0" * 10)
     refused = _sh("scripts/gpu/restore.sh", str(out), str(tmp_path / "again"), env=env)
     assert refused.returncode == 1 and "sha256 differs" in refused.stderr
+
+
+def test_loader_check_cli(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from mtl_edge.train.pipeline_cli import register
+
+    app = typer.Typer()
+    register(app)
+    args = [
+        "loader-check",
+        "--backbone",
+        "conv4",
+        "--size",
+        "16",
+        "-o",
+        "size=16",
+        "-o",
+        "per_class=8",
+        "-o",
+        "train_classes=4",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "lc.json"),
+        "--json",
+    ]
+    got = CliRunner().invoke(app, args)
+    assert got.exit_code == 0, got.output
+    result = json.loads(got.output)
+    assert result == json.loads((tmp_path / "lc.json").read_text())
+    assert result["loader_images_per_s"] > 0 and result["synthetic_images_per_s"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["loader_images_per_s"] / result["synthetic_images_per_s"]
+    )
+    bad = CliRunner().invoke(app, ["loader-check", "-o", "novalue"])
+    assert isinstance(bad.exception, ConfigError)
