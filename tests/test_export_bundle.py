@@ -303,3 +303,35 @@ def test_head_recipe_follows_meta_settings(tmp_path: Path) -> None:
     bundle, _ = export(tiny_checkpoint(tmp_path / "s.pt", config=summed), tmp_path / "s")
     # A summed inner loss has no fixed mean-loss lr: steps follow, lr stays the default.
     assert (bundle.head.steps, bundle.head.lr) == (40, 0.01)
+
+
+@pytest.mark.slow
+def test_real_size_resnet12_wide_parity(tmp_path: Path) -> None:
+    """The one real-size export: ResNet-12-wide with SS at 84 x 84, FP32 only, must pass the
+    parity thresholds (max abs 1e-4, cosine 0.9999 at batch 1/7/32, 200 identical episodes)."""
+    backbones = pytest.importorskip("mtl_edge.train.backbones")
+    convert_to_ss = pytest.importorskip("mtl_edge.train.ss").convert_to_ss
+    from test_fold import randomize
+
+    from mtl_edge.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    model = randomize(convert_to_ss(backbones.create_backbone("resnet12-wide"), shortcut=True))
+    ckpt = tmp_path / "r12w.pt"
+    torch.save(
+        {
+            "format": "mtl-edge.checkpoint",
+            "version": 1,
+            "model": "resnet12-wide",
+            "model_args": dict(model.model_args),
+            "state_dict": model.state_dict(),
+            "stage": "meta",
+            "preprocess": Preprocess(size=84).to_dict(),
+        },
+        ckpt,
+    )
+    bundle, report = api.export_checkpoint(ckpt, tmp_path / "b")
+    parity = report["parity"]
+    assert parity["max_abs"] <= 1e-4 and parity["cosine_min"] >= 0.9999
+    assert parity["real"]["episodes"]["identical_episodes"] == 200
+    assert bundle.feature_dim == 640
