@@ -29,6 +29,7 @@ from mtl_edge.preprocess import Preprocess
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "mtl-edge.checkpoint"
+CHECKPOINT_VERSION = 1
 FOLD_TOL = 1e-4
 #: Variants `check_bundle` compares with fp32: smallest per-image cosine accepted.
 CHECK_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98, "int8-cpu": 0.98}
@@ -101,6 +102,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise MtlEdgeError(
             f"{path}: not an mtl-edge checkpoint (no format {CHECKPOINT_FORMAT!r}); pass a "
             "file written by `mtl-edge train`"
+        )
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise MtlEdgeError(
+            f"{path}: checkpoint version {ckpt.get('version')!r}, this mtl-edge reads "
+            f"{CHECKPOINT_VERSION}; export it with the mtl-edge version that trained it"
         )
     for key, kind in (("model", str), ("state_dict", dict), ("preprocess", dict)):
         if not isinstance(ckpt.get(key), kind):

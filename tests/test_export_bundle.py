@@ -177,6 +177,7 @@ def _bad(tmp_path: Path, **overrides: Any) -> Path:
         (lambda p: torch.save({"a": 1}, p / "x.pt") or p / "x.pt", "not an mtl-edge checkpoint"),
         (lambda p: p / "missing.pt", "no such checkpoint"),
         (lambda p: _bad(p, state_dict=None), "no 'state_dict'"),
+        (lambda p: _bad(p, version=2), "checkpoint version 2"),
         (lambda p: _bad(p, model="resnet999"), "cannot build backbone"),
         (lambda p: _bad(p, preprocess={"size": -3}), "bad preprocess"),
     ],
