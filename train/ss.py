@@ -43,6 +43,10 @@ class SSConv2d(nn.Module):
 
     weight: torch.Tensor
     bias: torch.Tensor
+    kernel_size: Any
+    stride: Any
+    padding: Any
+    dilation: Any
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
@@ -169,3 +173,35 @@ def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
     for bn in bn_modules(model):
         params += [p for p in (bn.weight, bn.bias) if p is not None]
     return params
+
+
+def plain_conv(ss: SSConv2d) -> nn.Conv2d:
+    """A plain `nn.Conv2d` (with bias) holding the SS conv's effective weight and bias."""
+    w, b = ss.effective_weight_and_bias()
+    conv = nn.Conv2d(
+        ss.in_channels,
+        ss.out_channels,
+        ss.kernel_size,
+        stride=ss.stride,
+        padding=ss.padding,
+        dilation=ss.dilation,
+        groups=ss.groups,
+        bias=True,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)  # type: ignore[union-attr]
+    return conv
+
+
+def revert_ss(model: nn.Module) -> nn.Module:
+    """Replace, in place, every SS conv by `plain_conv` of it (so every weight is trainable
+    again, e.g. for the fine-tune-everything ablation). Returns `model`."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, SSConv2d):
+            setattr(model, name, plain_conv(child))
+        else:
+            revert_ss(child)
+    return model
