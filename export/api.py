@@ -649,13 +649,19 @@ def _fp16_variant(
     settings = fp16.convert_fp16(fp32, target)
     feats = parity.ort_features(parity.ort_session(target), images)
     files["backbone.fp16.onnx"] = target
-    variants["fp16"] = {"file": "backbone.fp16.onnx", "precision": "fp16", "target": "gpu"}
-    return {
+    report = {
         "settings": settings,
         "accuracy": quantize.accuracy_change(
             fp32_feats, feats, eval_split, opts.quant_episodes, opts.seed
         ),
     }
+    variants["fp16"] = {
+        "file": "backbone.fp16.onnx",
+        "precision": "fp16",
+        "target": "gpu",
+        "check": report,
+    }
+    return report
 
 
 def build_engines(bundle: Bundle, opts: ExportOptions) -> list[dict[str, Any]]:

@@ -66,6 +66,8 @@ def test_manifest_round_trip(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
         assert q["accuracy"]["5way_1shot"]["episodes"] == 600
         assert q["accuracy"]["5way_5shot"]["episodes"] == 600
     assert m["quantization"]["int8-cpu"]["onnxruntime_cpu_kernels"]["quantized"] == 4
+    fp16 = m["variants"]["fp16"]["check"]["accuracy"]
+    assert fp16["cosine_min"] > 0.999 and fp16["5way_5shot"]["episodes"] == 600
 
 
 def test_meta_init_stored(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
