@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,58 @@ def test_invalid_class_name_fails_before_extraction(setup, tmp_path: Path) -> No
     with pytest.raises(GalleryError, match="reserved"):
         enroller.enroll_folder(photos)
     assert enroller._extractor is None and not gallery.exists()
+
+
+@pytest.mark.slow
+def test_exported_training_backbone_enrolls_like_torch(tmp_path: Path) -> None:
+    """Train-side backbone -> export -> device: features match torch, int8 runs int8-cpu."""
+    torch = pytest.importorskip("torch")
+    backbones = pytest.importorskip("mtl_edge.train.backbones")
+    api = pytest.importorskip("mtl_edge.export.api")
+    from mtl_edge.data.synthetic import make_synthetic_split, write_class_folders
+    from mtl_edge.preprocess import Preprocess
+
+    torch.manual_seed(0)
+    model = backbones.create_backbone("conv4", width=16, in_channels=3).eval()
+    checkpoint = {
+        "format": "mtl-edge.checkpoint",
+        "version": 1,
+        "model": "conv4",
+        "model_args": model.model_args,
+        "state_dict": model.state_dict(),
+        "stage": "pretrain",
+        "preprocess": Preprocess(size=28).to_dict(),
+        "config": {"seed": 0, "data": {"kind": "synthetic"}},
+        "metrics": {},
+    }
+    torch.save(checkpoint, tmp_path / "model.pt")
+    calib = write_class_folders(make_synthetic_split(4, 6, 28, seed=9), tmp_path / "calib")
+    bundle, _ = api.export_checkpoint(
+        tmp_path / "model.pt",
+        tmp_path / "bundle",
+        int8=True,
+        calib=calib,
+        parity_episodes=10,
+        quant_episodes=50,
+    )
+    photos = write_class_folders(make_synthetic_split(5, 6, 28, seed=21), tmp_path / "photos")
+    images = sorted(photos.rglob("*.png"))
+
+    fp32 = _enroller(bundle.root, tmp_path / "fp32.gallery")
+    features = fp32.extract(images)[0]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(load_images(images, bundle.preprocess))).numpy()
+    np.testing.assert_allclose(features, reference, rtol=1e-4, atol=1e-4)
+
+    int8 = _enroller(bundle.root, tmp_path / "int8.gallery", precision="int8")
+    assert int8.extractor.precision == "int8-cpu"
+    q = int8.extract(images)[0]
+    cosine = np.sum(q * features, axis=1) / (
+        np.linalg.norm(q, axis=1) * np.linalg.norm(features, axis=1) + 1e-12
+    )
+    assert np.median(cosine) > 0.98
+    assert fp32.enroll_folder(photos) == {name: 6 for name in sorted(os.listdir(photos))}
+    preds = fp32.predict(images, threshold=0.0)
+    truth = [p.parent.name for p in images]
+    # an untrained conv4 and the default recipe (100 steps at lr 0.01): above chance (0.2)
+    assert np.mean([p.label == t for p, t in zip(preds, truth, strict=True)]) > 0.3
