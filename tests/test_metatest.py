@@ -180,5 +180,10 @@ def test_meta_test_table_is_json_and_deterministic(tiny_split) -> None:
     assert set(a["results"]["1"]) == {"mtl", "centroid", "logreg"}
     with pytest.raises(ConfigError, match="unknown"):
         meta_test(learner, tiny_split, CFG, heads=("knn",), **kw)
+    ft = meta_test(learner, tiny_split, CFG, heads=("ft", "centroid"), ft_steps=1, **kw)
+    assert list(ft["results"]["1"]) == ["centroid", "finetune"] and ft["heads"] == [
+        "finetune",
+        "centroid",
+    ]
     with pytest.raises(DatasetError, match="ways"):
         meta_test(learner, tiny_split, CFG, ways=10, shots_list=(1,), episodes=1)

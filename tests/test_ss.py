@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.backbones import create_backbone
+from mtl_edge.train.backbones import conv_bn_pairs, create_backbone
 from mtl_edge.train.ss import (
     SSConv2d,
     bn_parameters,
     convert_to_ss,
     freeze_backbone,
+    revert_ss,
     set_bn_mode,
     ss_modules,
     ss_parameters,
@@ -133,3 +134,19 @@ def test_bn_modes() -> None:
 def test_unsupported_padding_mode() -> None:
     with pytest.raises(ConfigError, match="padding_mode"):
         SSConv2d(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+
+
+def test_revert_ss_gives_plain_trainable_convs_with_same_outputs() -> None:
+    model = convert_to_ss(create_backbone("resnet12", **TINY["resnet12"])).eval()
+    with torch.no_grad():
+        for m in ss_modules(model):
+            m.ss_scale.uniform_(0.5, 1.5)
+            m.ss_shift.normal_(0.0, 0.1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        reverted = revert_ss(copy.deepcopy(model))
+        got = reverted(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not ss_modules(reverted)
+    assert all(type(c) is nn.Conv2d for c, _ in conv_bn_pairs(reverted))

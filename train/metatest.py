@@ -35,8 +35,10 @@ from mtl_edge.train.heads import (
 
 log = logging.getLogger(__name__)
 
-#: Heads `meta_test` knows by name; "ft" (fine-tune everything) needs images and is slow.
-HEAD_NAMES = ("mtl", "centroid", "centroid-euclidean", "logreg", "ft")
+#: Heads `meta_test` knows by name; "finetune" (fine-tune everything, alias "ft") needs images
+#: and is slow.
+HEAD_NAMES = ("mtl", "centroid", "centroid-euclidean", "logreg", "finetune")
+_ALIASES = {"ft": "finetune"}
 
 
 def confidence_interval(accuracies: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -210,20 +212,31 @@ def evaluate_finetune(
 
 
 def head_factories(model: nn.Module, names: Sequence[str]) -> dict[str, HeadFactory]:
-    """Factories of the feature heads `names` (not "ft"). "mtl" uses a learner's meta-learned
-    init and test settings, or zeros with T=100, alpha=0.01 for a plain backbone."""
+    """Factories of the feature heads `names` (not "finetune"). "mtl" uses a learner's
+    meta-learned init and test settings, or zeros with T=100, alpha=0.01 for a plain backbone."""
     table: dict[str, HeadFactory] = {
         "mtl": (MTLHead.factory_from_learner(model) if hasattr(model, "fc_weight") else MTLHead),
         "centroid": NearestCentroidHead,
         "centroid-euclidean": lambda: NearestCentroidHead("euclidean"),
         "logreg": LogisticRegressionHead,
     }
-    unknown = [n for n in names if n not in HEAD_NAMES]
+    names = canonical_heads(names)
+    return {n: table[n] for n in names if n != "finetune"}
+
+
+def canonical_heads(names: Sequence[str]) -> list[str]:
+    """Head names with aliases resolved ("ft" -> "finetune"), in order, without duplicates.
+
+    Raises:
+        ConfigError: an unknown head name.
+    """
+    resolved = [_ALIASES.get(n, n) for n in names]
+    unknown = [n for n in resolved if n not in HEAD_NAMES]
     if unknown:
         raise ConfigError(
             f"heads {', '.join(unknown)} unknown; use some of {', '.join(HEAD_NAMES)}"
         )
-    return {n: table[n] for n in names if n != "ft"}
+    return list(dict.fromkeys(resolved))
 
 
 def meta_test(
@@ -256,6 +269,7 @@ def meta_test(
         JSON-able: {"split", "fingerprint", "ways", "queries", "episodes", "seed", "results":
         {"<shots>": {"<head>": {"mean", "ci95", "episodes"}}}}, accuracies in percent.
     """
+    heads = canonical_heads(heads)
     factories = head_factories(model, heads)
     if episodes < 1:
         raise ConfigError(f"episodes={episodes}: use episodes >= 1")
@@ -271,7 +285,7 @@ def meta_test(
             assert features is not None
             res = evaluate_heads(features, split.labels, eps, factories)
             table = {name: r.to_dict() for name, r in res.items()}
-        if "ft" in heads:
+        if "finetune" in heads:
 
             def load(idx: np.ndarray) -> torch.Tensor:
                 return torch.from_numpy(
@@ -279,7 +293,7 @@ def meta_test(
                 )
 
             ft = evaluate_finetune(model, load, eps, ft_steps, ft_lr, device)
-            table["ft"] = ft.to_dict()
+            table["finetune"] = ft.to_dict()
         for name, r in table.items():
             log.info("%d-way %d-shot %s: %.2f +- %.2f %%", ways, shots, name, r["mean"], r["ci95"])
         results[str(shots)] = table
