@@ -178,6 +178,15 @@ def test_fold_on_real_images(shared_data: Path) -> None:
     x = torch.from_numpy(np.stack([preprocess_image(Image.open(f), cfg) for f in files]))
     model = tiny_ss_model(seed=1)
     assert fold_error(model, fold_model(model), x) <= 1e-5
+    for name in _registered_backbones():
+        from mtl_edge.train.backbones import create_backbone
+        from mtl_edge.train.ss import convert_to_ss
+
+        torch.manual_seed(0)
+        net = randomize(convert_to_ss(create_backbone(name), shortcut=True))
+        with torch.no_grad():
+            scale = max(1.0, float(net.forward_features(x).abs().max()))
+        assert fold_error(net, fold_model(net), x) <= 1e-5 * scale, name
 
 
 def test_traced_pairs_skip_conv_with_two_consumers() -> None:
