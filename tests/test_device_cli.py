@@ -90,6 +90,12 @@ def test_bad_input_gives_one_error_line(env: dict[str, Path], tmp_path: Path) ->
     assert_one_error(run("predict", *common, photos / "red" / "0.jpg", "--top-k", "0"), "--top-k")
     assert_one_error(run("enroll", *common, "--precision", "bf16", "--class", "z", *reds), "bf16")
     assert_one_error(run("gallery", "threshold", g, "high"), "threshold 'high'")
+    from mtl_edge.backends import available_backends
+
+    if available_backends()["tensorrt"] is not None:
+        result = run("predict", "-b", b, "-g", g, reds[0], "--backend", "tensorrt")
+        assert_one_error(result, "TensorRT is not usable here")
+        assert result.returncode == 2
     before = g.read_bytes()
     assert run("gallery", "remove", g, "red").returncode == 0
     assert_one_error(run("predict", *common, reds[0]), "no classes enrolled")
