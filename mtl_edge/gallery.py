@@ -255,7 +255,11 @@ class Gallery:
 
     def _get(self, name: str) -> EnrolledClass:
         if name not in self.classes:
-            known = ", ".join(self.classes) or "none"
+            names = list(self.classes)
+            known = ", ".join(names[:10]) + (
+                f" and {len(names) - 10} more" if len(names) > 10 else ""
+            )
+            known = known or "none"
             raise GalleryError(f"no class {name!r} in the gallery (enrolled: {known})")
         return self.classes[name]
 
