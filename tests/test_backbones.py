@@ -59,8 +59,9 @@ def test_conv4_width_and_channels() -> None:
 def test_resnet12_structure_matches_paper() -> None:
     model = create_backbone("resnet12")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    # 4 blocks x (3 conv3x3 + 1 shortcut 1x1), all with bias as in the TF code
-    assert len(convs) == 16 and all(c.bias is not None for c in convs)
+    # 4 blocks x (3 conv3x3 with bias + 1 shortcut 1x1 without), as in the TF code
+    assert len(convs) == 16
+    assert all((c.bias is not None) == (c.kernel_size == (3, 3)) for c in convs)
     assert [c.out_channels for c in convs if c.kernel_size == (1, 1)] == [64, 128, 256, 512]
 
 

@@ -101,8 +101,9 @@ class Backbone(nn.Module):
 
 
 class ResNet12Block(nn.Module):
-    """3 x [conv3x3 (+bias) -> BN -> LeakyReLU], a 1x1 conv (+bias) + BN shortcut added before
-    the last activation, then a 2x2 max-pool. (B, in, H, W) -> (B, out, H // 2, W // 2)."""
+    """The TF code's residual block: 3 x [conv3x3 (+bias) -> BN -> LeakyReLU], plus a 1x1 conv
+    (no bias) + BN shortcut, added after the third activation, then a 2x2 max-pool (no
+    activation after the sum, as in the TF code). (B, in, H, W) -> (B, out, H // 2, W // 2)."""
 
     def __init__(self, in_channels: int, out_channels: int, slope: float, bias: bool) -> None:
         super().__init__()
@@ -110,12 +111,12 @@ class ResNet12Block(nn.Module):
         self.conv1 = ConvBN(in_channels, out_channels, 3, bias=bias)
         self.conv2 = ConvBN(out_channels, out_channels, 3, bias=bias)
         self.conv3 = ConvBN(out_channels, out_channels, 3, bias=bias)
-        self.shortcut = ConvBN(in_channels, out_channels, 1, bias=bias)
+        self.shortcut = ConvBN(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.leaky_relu(self.conv1(x), self.slope)
         out = F.leaky_relu(self.conv2(out), self.slope)
-        out = F.leaky_relu(self.conv3(out) + self.shortcut(x), self.slope)
+        out = F.leaky_relu(self.conv3(out), self.slope) + self.shortcut(x)
         return F.max_pool2d(out, 2)
 
 
@@ -127,7 +128,8 @@ class ResNet12(Backbone):
         widths: output channels of the 4 blocks; (64, 128, 256, 512) in the paper's TF code,
             (64, 160, 320, 640) in `resnet12-wide`.
         slope: negative slope of the LeakyReLU (0.1 in the TF code).
-        bias: convs carry a bias, as in the TF code (redundant before BN, harmless, folded away).
+        bias: the 3x3 convs carry a bias, as in the TF code (redundant before BN, harmless,
+            folded away at export). The shortcut conv has none, as there.
     """
 
     def __init__(

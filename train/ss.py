@@ -9,13 +9,16 @@ plain conv did, and after meta-training it folds into a plain conv (`effective_w
 BatchNorm during meta-transfer (`set_bn_mode`):
 
 - "frozen" (default): every BN uses its pre-trained running statistics and its affine
-  parameters are not trained, like the paper's TensorFlow code, which restores the pre-trained
-  normalisation and trains only SS and the FC. A 5-way 1-shot support set of 5 images gives
-  useless batch statistics, and the meta-learned SS then describes exactly the network that is
-  folded and deployed (eval-mode BN), so what was validated is what ships.
-- "train": BN in training mode (batch statistics, running stats updated) with trainable affine
-  parameters, as the official PyTorch code does (its encoder runs in `train()` mode and every
-  parameter with requires_grad goes to the SS optimizer).
+  parameters are not trained; only SS (and the FC) learn. Reasons: the network that is
+  meta-trained and validated is then exactly the one that is folded and deployed (eval-mode BN
+  folds into the convs; batch statistics cannot), and a 5-way 1-shot support set of 5 images
+  gives useless batch statistics. Neither official code does exactly this: the TF code leaves
+  BN affine untrained too but normalises with batch statistics, at meta-test as well
+  (transductive over the query set); the PyTorch code trains BN.
+- "train": BN in training mode while meta-training (batch statistics, running statistics
+  updated) with trainable affine parameters, as the official PyTorch code does (its encoder
+  runs in `train()` mode and every parameter with requires_grad goes to the SS optimizer);
+  evaluation uses the running statistics.
 """
 
 from __future__ import annotations
