@@ -466,3 +466,109 @@ def test_loader_check_cli(tmp_path: Path) -> None:
     )
     bad = CliRunner().invoke(app, ["loader-check", "-o", "novalue"])
     assert isinstance(bad.exception, ConfigError)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real metatest and export stages on a small checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def _conv4_checkpoint(path: Path, config: dict) -> Path:
+    from mtl_edge.train.backbones import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("conv4", in_channels=3, width=8)
+    torch.save(
+        {
+            "format": "mtl-edge.checkpoint",
+            "version": 1,
+            "model": "conv4",
+            "model_args": dict(model.model_args),
+            "state_dict": model.state_dict(),
+            "stage": "pretrain",
+            "preprocess": Preprocess(size=16).to_dict(),
+            "config": config,
+            "metrics": {},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_metatest_and_export_stages_on_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    from mtl_edge.export.api import default_model_factory, read_checkpoint
+    from mtl_edge.train import pipeline
+
+    def stand_in_loader(path: Path):  # the training stack's load_checkpoint is not written yet
+        ckpt = read_checkpoint(path)
+        model = default_model_factory(ckpt["model"], ckpt["model_args"], ckpt["state_dict"])
+        model.load_state_dict(ckpt["state_dict"])
+        return model, ckpt
+
+    real_api = pipeline._api
+    monkeypatch.setattr(
+        pipeline,
+        "_api",
+        lambda stage, module, name: (
+            stand_in_loader
+            if (module, name) == ("train.checkpoint", "load_checkpoint")
+            else real_api(stage, module, name)
+        ),
+    )
+
+    def train_stage(ctx: StageContext) -> StageResult:
+        _conv4_checkpoint(ctx.dir / "best.pt", ctx.recipe.training)
+        return StageResult({"checkpoint": f"{ctx.name}/best.pt"}, images=10)
+
+    path = tmp_path / "recipe.toml"
+    path.write_text(
+        "[pipeline]\nepisodes = 20\nqueries = 3\nshots = [1, 2]\nft_episodes = 2\n"
+        "flops_reference = false\nheads = ['mtl', 'centroid', 'logreg', 'ft']\n"
+        "[data]\nkind = 'synthetic'\n"
+        "options = { size = 16, per_class = 6, train_classes = 4, val_classes = 2, "
+        "test_classes = 5 }\n"
+    )
+    fns = dict(pipeline.STAGE_FNS, pretrain=train_stage, meta=train_stage)
+    record = run_pipeline(
+        load_recipe(path), tmp_path / "run", "pretrain,meta,metatest,export", stage_fns=fns
+    )
+    assert record["stages"]["meta"]["train_flops"] is None
+    rows = json.loads((tmp_path / "run" / "report" / "accuracy.json").read_text())
+    got = {(r["head"], r["shots"]): r for r in rows}
+    assert set(got) == {(h, s) for h in ("mtl", "centroid", "logreg", "finetune") for s in (1, 2)}
+    assert got[("centroid", 1)]["episodes"] == 20 and got[("finetune", 2)]["episodes"] == 2
+    assert all(0 <= r["mean"] <= 100 for r in rows)
+    # Same seed, same episodes: the centroid head equals a direct meta_test on the same split.
+    from mtl_edge.train.metatest import meta_test
+
+    model, _ = stand_in_loader(tmp_path / "run" / "meta" / "best.pt")
+    split = open_split(
+        "synthetic",
+        None,
+        "test",
+        size=16,
+        per_class=6,
+        train_classes=4,
+        val_classes=2,
+        test_classes=5,
+    )
+    direct = meta_test(
+        model.eval(),
+        split,
+        Preprocess(size=16),
+        ways=5,
+        shots_list=[1],
+        episodes=20,
+        queries=3,
+        seed=0,
+        heads=["centroid"],
+    )
+    assert direct["results"]["1"]["centroid"]["mean"] == pytest.approx(
+        got[("centroid", 1)]["mean"], abs=1e-6
+    )
+    done = json.loads((tmp_path / "run" / "export" / "done.json").read_text())
+    from mtl_edge.bundle import Bundle
+
+    bundle = Bundle.load(tmp_path / "run" / done["outputs"]["bundle"])
+    assert {"int8", "int8-cpu"} <= set(bundle.manifest["variants"])

@@ -69,7 +69,10 @@ class PipelineSettings:
         seed: seed of the test episodes (the same episodes for every head and precision).
         ways, shots, queries: the test tasks (5-way, 1- and 5-shot, 15 queries per class).
         episodes: number of fixed test episodes.
-        heads: meta-test heads ("mtl", "centroid", "logreg", "finetune").
+        heads: meta-test heads (`mtl_edge.train.metatest.HEAD_NAMES`: "mtl", "centroid",
+            "logreg", "finetune" (alias "ft") = fine-tune everything).
+        ft_episodes: the first this many episodes for "finetune" (each is a full fine-tuning
+            run of the backbone).
         test_split: the split the meta-test and benchmark draw episodes from.
         with_and_without_ht: also meta-test the meta-model trained without HT when the meta
             stage trained both.
@@ -85,6 +88,7 @@ class PipelineSettings:
     queries: int = 15
     episodes: int = 2000
     heads: tuple[str, ...] = ("mtl", "centroid", "logreg", "finetune")
+    ft_episodes: int = 200
     test_split: str = "test"
     with_and_without_ht: bool = True
     int8: bool = True
@@ -755,41 +759,100 @@ def _training_result(ctx: StageContext, result: Mapping[str, Any]) -> StageResul
     return StageResult(outputs, images, flops, _metrics_files(ctx))
 
 
+def _device() -> Any:
+    from mtl_edge.train.gpu_data import default_device
+
+    return default_device()
+
+
+def recipe_split(ctx: StageContext, split: str, color_mode: str) -> Any:
+    """Split `split` of the recipe's `[data]` table (kind, root, options)."""
+    from mtl_edge.train.datasets import open_split, reader_options
+
+    data = ctx.recipe.training.get("data")
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ConfigError(f"{ctx.recipe.path}: needs a [data] table with a 'kind'")
+    options = dict(data.get("options", {}))
+    if "color_mode" in reader_options(str(data["kind"])):
+        options.setdefault("color_mode", color_mode)
+    return open_split(str(data["kind"]), data.get("root"), split, **options)
+
+
+def load_model(ctx: StageContext, checkpoint: Path) -> tuple[Any, Any]:
+    """(model, Preprocess) of a training checkpoint, through the training stack's loader."""
+    from mtl_edge.export.api import read_checkpoint
+    from mtl_edge.preprocess import Preprocess
+
+    load_checkpoint = _api(ctx.name, "train.checkpoint", "load_checkpoint")
+    loaded = load_checkpoint(checkpoint)
+    model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
+    preprocess = Preprocess.from_dict(read_checkpoint(checkpoint)["preprocess"])
+    return model, preprocess
+
+
+_FINETUNE = ("finetune", "ft")
+
+
 def stage_metatest(ctx: StageContext) -> StageResult:
-    """Fixed seeded test episodes, every head, 1- and 5-shot, with and without HT."""
-    meta_test = _api(ctx.name, "train.metatest", "evaluate_checkpoint")
+    """Fixed seeded test episodes, every head, 1- and 5-shot, with and without HT.
+
+    Features of the test split are extracted once per model on the device (the backbone is
+    frozen at meta-test) and every feature head runs on the same episodes; the fine-tune-
+    everything head ("finetune") runs on the first `ft_episodes` of them.
+    """
+    meta_test = _api(ctx.name, "train.metatest", "meta_test")
+    extract_features = _api(ctx.name, "train.metatest", "extract_features")
+    from mtl_edge.train.gpu_data import DeviceDataset
+
     s = ctx.recipe.settings
-    models = {"mtl": ctx.run / ctx.output("meta", "checkpoint")}
+    models = {"meta": ctx.run / ctx.output("meta", "checkpoint")}
     if s.with_and_without_ht:
         for label, path in ctx.previous["meta"]["outputs"].get("checkpoints", {}).items():
             models[label] = ctx.run / path
-    rows, images = [], 0
+    dev = _device()
+    rows: list[dict[str, Any]] = []
+    images = 0
     for label, checkpoint in models.items():
-        for shots in s.shots:
+        model, preprocess = load_model(ctx, checkpoint)
+        model = model.to(dev).eval()
+        split = recipe_split(ctx, s.test_split, preprocess.color_mode)
+        data = DeviceDataset.from_split(split, preprocess, dev, cache_dir=ctx.run / "cache")
+        feats = extract_features(model, split, 256, dev, load=data.eval_batch)
+        images += len(split)
+        finetune = [h for h in s.heads if h in _FINETUNE]
+        runs = [([h for h in s.heads if h not in _FINETUNE], s.episodes)]
+        if finetune:
+            runs.append((finetune[:1], min(s.ft_episodes, s.episodes)))
+        for heads, episodes in runs:
+            if not heads:
+                continue
             result = meta_test(
-                checkpoint,
-                ctx.recipe.training,
-                split=s.test_split,
+                model,
+                split,
+                preprocess,
                 ways=s.ways,
-                shots=shots,
+                shots_list=list(s.shots),
+                episodes=episodes,
                 queries=s.queries,
-                episodes=s.episodes,
                 seed=s.seed,
-                heads=list(s.heads),
+                heads=heads,
+                device=dev,
+                features=feats,
             )
-            for head, acc in result["heads"].items():
-                rows.append(
-                    {
-                        "model": label,
-                        "head": head,
-                        "precision": "torch-fp32",
-                        "shots": shots,
-                        "mean": acc["mean"],
-                        "ci95": acc["ci95"],
-                        "episodes": s.episodes,
-                    }
-                )
-            images += int(result.get("images", 0))
+            atomic_write_json(ctx.dir / f"{label}-{'-'.join(heads)}.json", result)
+            for shots, table in result["results"].items():
+                for head, acc in table.items():
+                    rows.append(
+                        {
+                            "model": label,
+                            "head": head,
+                            "precision": "torch-fp32",
+                            "shots": int(shots),
+                            "mean": acc["mean"],
+                            "ci95": acc["ci95"],
+                            "episodes": acc["episodes"],
+                        }
+                    )
     return StageResult({"accuracy": rows}, images)
 
 
