@@ -142,10 +142,11 @@ def test_settings_validation_and_round_trip() -> None:
         MetaSettings.from_dict({"inner_step": 3})
 
 
-def test_sum_inner_loss_equals_scaled_lr() -> None:
+@pytest.mark.parametrize(("kind", "factor"), [("sum", WAYS * SHOTS), ("tf", WAYS)])
+def test_summed_inner_losses_equal_scaled_lr(kind: str, factor: int) -> None:
     task = _tasks(1)[0]
-    learner = _learner(inner_loss="sum", inner_lr=1e-3)
-    ref = _learner(inner_loss="mean", inner_lr=1e-3 * len(task.support_y))
+    learner = _learner(inner_loss=kind, inner_lr=1e-3)
+    ref = _learner(inner_loss="mean", inner_lr=1e-3 * factor)
     ref.load_state_dict(learner.state_dict())
     learner.eval()
     ref.eval()
@@ -153,6 +154,15 @@ def test_sum_inner_loss_equals_scaled_lr() -> None:
         a = learner.task_logits(task.support_x, task.support_y, task.query_x)
         b = ref.task_logits(task.support_x, task.support_y, task.query_x)
     torch.testing.assert_close(a, b)
+    # the TF reduction itself: per-example CE / shots, summed
+    feats = torch.randn(6, 4, requires_grad=True)
+    w = torch.zeros(3, 4, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    tf_loss = (torch.nn.functional.cross_entropy(feats @ w.T, y, reduction="none") / 2).sum()
+    mean_loss = torch.nn.functional.cross_entropy(feats @ w.T, y)
+    (g_tf,) = torch.autograd.grad(tf_loss, w)
+    (g_mean,) = torch.autograd.grad(mean_loss, w)
+    torch.testing.assert_close(g_tf, 3 * g_mean)
 
 
 def test_task_builder_labels_and_indices() -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.base_learner import fc_logits, inner_loop
+from mtl_edge.train.base_learner import fc_logits, inner_loop, mean_loss_scale
 from mtl_edge.train.ss import revert_ss
 
 
@@ -54,7 +54,7 @@ class MTLHead:
         steps, lr: T and alpha of the test-time inner loop (100, 0.01 as the PyTorch code).
         normalize: L2-normalise features.
         weight_decay: coefficient of 0.5 * ||W||^2.
-        inner_loss: "mean" or "sum" over the support set (see `MetaSettings.inner_loss`).
+        inner_loss: "mean", "sum" or "tf" (see `MetaSettings.inner_loss`).
     """
 
     def __init__(
@@ -71,7 +71,7 @@ class MTLHead:
         self.init_bias = None if bias is None else bias.detach().float().cpu()
         self.steps, self.lr = steps, lr
         self.normalize, self.weight_decay = normalize, weight_decay
-        self.sum_loss = inner_loss == "sum"
+        self.inner_loss = inner_loss
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
 
@@ -92,9 +92,8 @@ class MTLHead:
             w0, b0 = self.init_weight.to(x.device), self.init_bias.to(x.device)  # type: ignore[union-attr]
         else:
             w0, b0 = x.new_zeros(ways, dim), x.new_zeros(ways)
-        lr, wd = self.lr, self.weight_decay
-        if self.sum_loss:
-            lr, wd = lr * len(support_labels), wd / len(support_labels)
+        c = mean_loss_scale(self.inner_loss, len(support_labels), ways)
+        lr, wd = self.lr * c, self.weight_decay / c
         self.weight, self.bias = inner_loop(
             x, support_labels, w0, b0, self.steps, lr, normalize=self.normalize, weight_decay=wd
         )

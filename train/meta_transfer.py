@@ -22,7 +22,7 @@ from torch import nn
 
 from mtl_edge.data.episodes import Episode
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.base_learner import fc_logits, inner_loop
+from mtl_edge.train.base_learner import INNER_LOSSES, fc_logits, inner_loop, mean_loss_scale
 from mtl_edge.train.hard_tasks import per_class_accuracy
 from mtl_edge.train.ss import (
     bn_parameters,
@@ -43,7 +43,7 @@ REDUCTIONS = ("mean", "sum")
 class MetaSettings:
     """How the learner adapts and what the meta-loss is. Defaults follow the official PyTorch
     code (the TF code's setting: inner_steps=20, test_steps=100, inner_lr=1e-3,
-    inner_loss="sum", second_order=True).
+    inner_loss="tf", second_order=True).
 
     Attributes:
         inner_steps: T during meta-training (100).
@@ -51,9 +51,10 @@ class MetaSettings:
         inner_lr: alpha (0.01).
         second_order: differentiate through the inner loop (False: first order, see
             `mtl_edge.train.base_learner`).
-        inner_loss: "mean" (default, what the device head minimises) or "sum" over the support
-            set (the TF code); "sum" is run as "mean" with lr * N and weight decay / N, which
-            is the same update.
+        inner_loss: "mean" (default, what the device head minimises), "sum" over the support
+            set, or "tf": the TF code's cross-entropy summed over the support set and divided by
+            the shots (= ways x the mean). Others run as "mean" with lr x c and weight decay / c
+            (`base_learner.mean_loss_scale`), which is the same update.
         inner_weight_decay: coefficient of 0.5 * ||W||^2 in the inner loss (0).
         normalize: L2-normalise features before the FC head (False, as both official codes).
         fc_init: the FC initialisation's starting value: "zeros" (default; symmetric slots and
@@ -80,7 +81,7 @@ class MetaSettings:
                 f"inner_lr={self.inner_lr}: need steps >= 0 and inner_lr > 0"
             )
         for key, allowed in (
-            ("inner_loss", REDUCTIONS),
+            ("inner_loss", INNER_LOSSES),
             ("fc_init", FC_INITS),
             ("bn_mode", ("frozen", "train")),
             ("reduction", REDUCTIONS),
@@ -271,9 +272,8 @@ class MetaTransferLearner(nn.Module):
             steps = s.inner_steps if self.training else s.test_steps
         ways = int(support_y.max()) + 1
         weight, bias = self.initial_head(ways)
-        lr, wd = s.inner_lr, s.inner_weight_decay
-        if s.inner_loss == "sum":
-            lr, wd = lr * len(support_y), wd / len(support_y)
+        c = mean_loss_scale(s.inner_loss, len(support_y), ways)
+        lr, wd = s.inner_lr * c, s.inner_weight_decay / c
         return inner_loop(
             support_features,
             support_y,
