@@ -572,3 +572,43 @@ def test_metatest_and_export_stages_on_a_checkpoint(tmp_path: Path, monkeypatch)
 
     bundle = Bundle.load(tmp_path / "run" / done["outputs"]["bundle"])
     assert {"int8", "int8-cpu"} <= set(bundle.manifest["variants"])
+
+
+def test_collect_results_copies_no_weights(tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "scripts" / "gpu").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "gpu" / "collect_results.sh", repo / "scripts" / "gpu")
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "export" / "bundle").mkdir(parents=True)
+    (run / "stages.json").write_text("{}")
+    (run / "report" / "accuracy.md").write_text("| table |\n")
+    (run / "export" / "bundle" / "manifest.json").write_text("{}")
+    (run / "export" / "bundle" / "backbone.onnx").write_bytes(b"weights")
+    (run / "meta").mkdir()
+    (run / "meta" / "best.pt").write_bytes(b"weights")
+    got = subprocess.run(
+        ["scripts/gpu/collect_results.sh", str(run), "test"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 0, got.stderr
+    (dest,) = (repo / "bench" / "results").iterdir()
+    assert dest.name.endswith("-test")
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "accuracy.md",
+        "bundle-manifest.json",
+        "stages.json",
+    ]
+    missing = subprocess.run(
+        ["scripts/gpu/collect_results.sh", str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 1 and "stages.json" in missing.stderr
