@@ -285,26 +285,34 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 def _meta_head_recipe(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The head recipe meta-training evaluated with (its `meta` table: test_steps, inner_lr,
-    inner_weight_decay, normalize), so the device adapts the head as meta-test did."""
+    """The head recipe meta-test used (the config's `meta` table: test_steps, inner_lr,
+    inner_weight_decay, normalize, inner_loss), as a mean-loss recipe for the device head.
+
+    inner_loss "tf" (the TF code: summed CE / shots = ways x mean) becomes lr x ways and weight
+    decay / ways with the meta-training ways; "sum" depends on the support size, so its lr is
+    left at the default with a warning.
+    """
     meta = config.get("meta")
     if not isinstance(meta, Mapping):
         return {}
-    if meta.get("inner_loss", "mean") != "mean":
+    recipe = {
+        head: meta[key]
+        for key, head in (("test_steps", "steps"), ("normalize", "normalize"))
+        if key in meta
+    }
+    loss = meta.get("inner_loss", "mean")
+    if loss == "sum":
         log.warning(
-            "meta.inner_loss=%r: the device head minimises the mean loss; the bundle keeps the "
-            "default head lr (set --head-lr to match)",
-            meta.get("inner_loss"),
+            "meta.inner_loss='sum': its mean-loss lr depends on the support size; the bundle "
+            "keeps the default head lr (set --head-lr)"
         )
-        pairs = {"test_steps": "steps", "normalize": "normalize"}
-    else:
-        pairs = {
-            "test_steps": "steps",
-            "inner_lr": "lr",
-            "inner_weight_decay": "weight_decay",
-            "normalize": "normalize",
-        }
-    return {head: meta[key] for key, head in pairs.items() if key in meta}
+        return recipe
+    scale = float(meta.get("ways", 5)) if loss == "tf" else 1.0
+    if "inner_lr" in meta:
+        recipe["lr"] = float(meta["inner_lr"]) * scale
+    if "inner_weight_decay" in meta:
+        recipe["weight_decay"] = float(meta["inner_weight_decay"]) / scale
+    return recipe
 
 
 def _head_section(

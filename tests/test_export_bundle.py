@@ -306,6 +306,10 @@ def test_head_recipe_follows_meta_settings(tmp_path: Path) -> None:
     bundle, _ = export(tiny_checkpoint(tmp_path / "s.pt", config=summed), tmp_path / "s")
     # A summed inner loss has no fixed mean-loss lr: steps follow, lr stays the default.
     assert (bundle.head.steps, bundle.head.lr) == (40, 0.01)
+    tf = {"meta": {"inner_lr": 0.001, "inner_loss": "tf", "ways": 5, "inner_weight_decay": 0.01}}
+    bundle, _ = export(tiny_checkpoint(tmp_path / "t.pt", config=tf), tmp_path / "t")
+    assert bundle.head.lr == pytest.approx(0.005)  # ways x mean
+    assert bundle.head.weight_decay == pytest.approx(0.002)
 
 
 @pytest.mark.slow
