@@ -197,6 +197,7 @@ def test_resume_after_a_failed_stage_gives_the_same_result(tmp_path: Path) -> No
     assert "simulated" in rec["stages"]["metatest"]["error"]
     assert rec["stages"]["meta"]["status"] == "done"
     assert "export" not in rec["stages"]
+    assert "| meta | done |" in (tmp_path / "b" / "report" / "stages.md").read_text()
 
     with pytest.raises(MtlEdgeError, match="--resume"):
         run_pipeline(recipe, tmp_path / "b", stage_fns=_fns(ToyStages()))
@@ -612,3 +613,14 @@ def test_collect_results_copies_no_weights(tmp_path: Path) -> None:
         timeout=60,
     )
     assert missing.returncode == 1 and "stages.json" in missing.stderr
+
+
+def test_interrupt_is_recorded_as_resumable(tmp_path: Path) -> None:
+    def interrupted(ctx: StageContext) -> StageResult:
+        raise KeyboardInterrupt
+
+    fns = dict(_fns(ToyStages()), meta=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_recipe(tmp_path), tmp_path / "run", "pretrain,meta", stage_fns=fns)
+    stages = read_stages(tmp_path / "run")["stages"]
+    assert stages["pretrain"]["status"] == "done" and stages["meta"]["status"] == "interrupted"

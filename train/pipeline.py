@@ -524,8 +524,11 @@ def run_pipeline(
         try:
             result = fns[name](ctx) if name in fns else _missing_stage(name)
         except BaseException as e:
-            entry.update(status="failed", wall_s=time.perf_counter() - start, error=_line(e))
-            atomic_write_json(run / STAGES_FILE, record)
+            # A KeyboardInterrupt is the GPU script's time limit (SIGINT): resumable, not broken.
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            entry.update(status=status, wall_s=time.perf_counter() - start, error=_line(e))
+            atomic_write_json(run / STAGES_FILE, _json_safe(record))
+            write_report(run)
             raise
         wall = time.perf_counter() - start
         peak, peak_kind = _peak_memory()
