@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -768,6 +769,13 @@ def _device() -> Any:
     return default_device()
 
 
+def decode_cache() -> Path | None:
+    """Where decoded splits are cached between stage processes: $MTL_EDGE_CACHE/decoded (set
+    by the GPU script; outside RUN, so results never carry it), else nowhere."""
+    root = os.environ.get("MTL_EDGE_CACHE")
+    return Path(root) / "decoded" if root else None
+
+
 def recipe_split(ctx: StageContext, split: str, color_mode: str) -> Any:
     """Split `split` of the recipe's `[data]` table (kind, root, options)."""
     from mtl_edge.train.datasets import open_split, reader_options
@@ -819,7 +827,7 @@ def stage_metatest(ctx: StageContext) -> StageResult:
         model, preprocess = load_model(ctx, checkpoint)
         model = model.to(dev).eval()
         split = recipe_split(ctx, s.test_split, preprocess.color_mode)
-        data = DeviceDataset.from_split(split, preprocess, dev, cache_dir=ctx.run / "cache")
+        data = DeviceDataset.from_split(split, preprocess, dev, cache_dir=decode_cache())
         feats = extract_features(model, split, 256, dev, load=data.eval_batch)
         images += len(split)
         finetune = [h for h in s.heads if h in _FINETUNE]

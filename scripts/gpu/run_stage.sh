@@ -22,6 +22,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 CACHE="${MTL_EDGE_CACHE:-/tmp/mtl-edge-cache}"
+export MTL_EDGE_CACHE="$CACHE" # the pipeline keeps decoded splits in $CACHE/decoded
 OUT="${OUT:-$REPO/out/device}"
 STAGE_TIMEOUT_S="${STAGE_TIMEOUT_S:-540}"
 PART_MIB=15
@@ -111,7 +112,7 @@ pack_results() {
 import json, sys
 from pathlib import Path
 run, since = Path(sys.argv[1]), Path(sys.argv[2]).stat().st_mtime
-files = [p for p in run.rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
+files = [p for p in run.rglob("*") if p.is_file() and p.suffix not in (".tmp", ".npy")]
 new = [p for p in files if p.stat().st_mtime >= since]
 keep = {p for p in files if p.stat().st_size < 2**20}
 keep |= {p for p in new if p.suffix != ".pt"}
