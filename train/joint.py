@@ -1,0 +1,439 @@
+"""Joint transfer + meta-learning (Eshratifar, Abrishami, Eigen, Pedram, AAAI-19 student abstract).
+
+Each meta-iteration samples a meta-batch of N-way tasks and computes two proposals for the
+backbone weights theta:
+
+- the meta step: Reptile (pseudo-gradient sum_i (theta - theta_i), theta_i after k inner SGD
+  steps on the task's images) or MAML (sum_i of the query-loss gradient at theta_i, first or
+  second order, through `torch.func.functional_call`), applied by the outer optimizer;
+- the transfer step: one step of ordinary classification over all base classes on all images of
+  the sampled tasks, through a base-class head of its own, applied by a second optimizer.
+
+`mix="paper"` sets theta = beta * theta_meta + (1 - beta) * theta_transfer; `mix="code"` is the
+variant of the authors' code: theta + (delta_meta + beta * delta_transfer) / 2. With
+`mix="paper"`, beta = 1 is plain Reptile/MAML and beta = 0 plain transfer learning; the step
+whose weight is 0 is not computed at all.
+
+The task head is not meta-learned: every task starts from a zero (ways, D) head, so the same
+initialisation serves tasks of any number of ways (at training and at evaluation time).
+
+BatchNorm: every training forward (inner loops, query, transfer) runs in train mode on the batch
+statistics of its own images and updates the running averages; evaluation and export use the
+running averages (non-transductive, the same numbers the exported, BN-folded bundle computes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from mtl_edge.errors import ConfigError, DatasetError
+
+META_KINDS = ("reptile", "maml")
+MIX_KINDS = ("paper", "code")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class JointConfig:
+    """Options of the joint learner (the `[joint]` table of a recipe).
+
+    Attributes:
+        meta: "reptile" or "maml".
+        mix: "paper" (convex mix, beta weights the meta step) or "code" (steps averaged, beta
+            weights the transfer step).
+        beta: the mixing weight, in [0, 1].
+        ways: classes per training task.
+        shots: support images per class (Reptile trains on support + query together).
+        queries: query images per class (MAML's outer loss).
+        meta_batch: tasks per meta-iteration.
+        inner_steps: SGD steps per task (k).
+        inner_lr: inner SGD learning rate (alpha).
+        outer_lr: learning rate of the meta step (beta_outer).
+        transfer_lr: learning rate of the transfer step.
+        optimizer: "adam" (the paper) or "sgd" (the literal update formulas).
+        second_order: MAML differentiates through the inner loop.
+    """
+
+    meta: str = "reptile"
+    mix: str = "paper"
+    beta: float = 0.5
+    ways: int = 5
+    shots: int = 5
+    queries: int = 5
+    meta_batch: int = 5
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    outer_lr: float = 1e-3
+    transfer_lr: float = 1e-3
+    optimizer: str = "adam"
+    second_order: bool = False
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad option."""
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"joint.beta={self.beta}: must be within [0, 1]")
+        if self.meta not in META_KINDS:
+            raise ConfigError(f"joint.meta={self.meta!r}: use one of {', '.join(META_KINDS)}")
+        if self.mix not in MIX_KINDS:
+            raise ConfigError(f"joint.mix={self.mix!r}: use one of {', '.join(MIX_KINDS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"joint.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
+            )
+        for key in ("ways", "shots", "meta_batch", "inner_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"joint.{key}={getattr(self, key)}: must be >= 1")
+        if self.meta == "maml" and self.queries < 1:
+            raise ConfigError(f"joint.queries={self.queries}: MAML needs >= 1 query per class")
+        for key in ("inner_lr", "outer_lr", "transfer_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"joint.{key}={getattr(self, key)}: must be > 0")
+
+    @property
+    def uses_meta(self) -> bool:
+        """Whether the meta step is computed (its weight is not 0)."""
+        return not (self.mix == "paper" and self.beta == 0.0)
+
+    @property
+    def uses_transfer(self) -> bool:
+        """Whether the transfer step is computed (its weight is not 0)."""
+        return self.beta != (1.0 if self.mix == "paper" else 0.0)
+
+    @property
+    def method(self) -> str:
+        """Short name: "reptile", "maml", "transfer", "reptile+transfer", "maml+transfer"."""
+        if not self.uses_meta:
+            return "transfer"
+        return self.meta + ("+transfer" if self.uses_transfer else "")
+
+
+@dataclass
+class Task:
+    """One training task: image indices into the image tensor and two label sets.
+
+    Attributes:
+        support: indices of shape (ways * shots,), class-major.
+        query: indices of shape (ways * queries,), class-major (may be empty).
+        classes: base-class ids of shape (ways,); local label c is base class classes[c].
+    """
+
+    support: np.ndarray
+    query: np.ndarray
+    classes: np.ndarray
+
+    def local_labels(self, part: str) -> torch.Tensor:
+        """Labels 0..ways-1 of shape (len(part),) for "support" or "query"."""
+        n = len(getattr(self, part)) // len(self.classes)
+        return torch.arange(len(self.classes)).repeat_interleave(n)
+
+    def all_indices(self) -> np.ndarray:
+        """Support then query indices, shape (ways * (shots + queries),)."""
+        return np.concatenate([self.support, self.query])
+
+    def all_base_labels(self) -> torch.Tensor:
+        """Base-class labels of `all_indices()`, shape (ways * (shots + queries),)."""
+        s = len(self.support) // len(self.classes)
+        q = len(self.query) // len(self.classes)
+        cls = torch.as_tensor(self.classes)
+        return torch.cat([cls.repeat_interleave(s), cls.repeat_interleave(q)])
+
+
+class TaskSampler:
+    """Seeded N-way tasks over the classes of a labelled image set.
+
+    Args:
+        labels: base-class id of every image, shape (N,).
+        ways, shots, queries: per task.
+        seed: the sampler's stream.
+
+    Raises:
+        DatasetError: fewer classes than ways, or a class with fewer images than shots + queries.
+    """
+
+    def __init__(self, labels: np.ndarray, ways: int, shots: int, queries: int, seed: int) -> None:
+        self.by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+        if len(self.by_class) < ways:
+            raise DatasetError(
+                f"training split has {len(self.by_class)} classes; joint.ways={ways} needs more"
+            )
+        small = min(len(ix) for ix in self.by_class)
+        if small < shots + queries:
+            raise DatasetError(
+                f"training split has a class with {small} images; joint.shots + joint.queries = "
+                f"{shots + queries} needs more"
+            )
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.rng = np.random.default_rng(seed)
+
+    def task(self) -> Task:
+        """The next task."""
+        classes = self.rng.choice(len(self.by_class), self.ways, replace=False)
+        sup, qry = [], []
+        for c in classes:
+            pick = self.rng.choice(self.by_class[c], self.shots + self.queries, replace=False)
+            sup.append(pick[: self.shots])
+            qry.append(pick[self.shots :])
+        return Task(np.concatenate(sup), np.concatenate(qry), classes)
+
+    def __iter__(self) -> Iterator[Task]:
+        while True:
+            yield self.task()
+
+
+Params = dict[str, torch.Tensor]
+#: Maps image indices of shape (n,) to float images of shape (n, C, H, W).
+ImageFn = Callable[[np.ndarray], torch.Tensor]
+
+
+def backbone_params(backbone: nn.Module) -> Params:
+    """The backbone's trainable parameters by name."""
+    return {k: p for k, p in backbone.named_parameters() if p.requires_grad}
+
+
+def zero_head(ways: int, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh task head: weight of shape (ways, dim) and bias of shape (ways,), zeros."""
+    w = torch.zeros(ways, dim, dtype=like.dtype, device=like.device, requires_grad=True)
+    b = torch.zeros(ways, dtype=like.dtype, device=like.device, requires_grad=True)
+    return w, b
+
+
+def task_logits(
+    backbone: nn.Module, params: Params, head: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Logits of shape (B, ways) of images x (B, C, H, W) under backbone weights `params`."""
+    feats = functional_call(backbone, params, (x,), strict=False)
+    return F.linear(feats, head[0], head[1])
+
+
+def inner_adapt(
+    backbone: nn.Module,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ways: int,
+    steps: int,
+    lr: float,
+    create_graph: bool = False,
+    batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Params, tuple[torch.Tensor, torch.Tensor]]:
+    """k SGD steps on (x, y) from `params` and a zero head.
+
+    Args:
+        x: images of shape (B, C, H, W); y: labels of shape (B,) in 0..ways-1.
+        create_graph: keep the graph through the steps (second-order MAML); otherwise every
+            step's result is detached (first order, Reptile, evaluation).
+        batch_size: images per step (a random subset, drawn with `generator`); None uses all.
+
+    Returns:
+        (adapted backbone parameters, adapted head (weight (ways, D), bias (ways,))).
+    """
+    any_param = next(iter(params.values()))
+    dim = int(backbone.feature_dim)
+    head = zero_head(ways, dim, any_param)
+    fast = dict(params)
+    if not create_graph:
+        fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+    for _ in range(steps):
+        if batch_size is not None and batch_size < len(x):
+            pick = torch.randperm(len(x), generator=generator)[:batch_size]
+            xb, yb = x[pick], y[pick]
+        else:
+            xb, yb = x, y
+        loss = F.cross_entropy(task_logits(backbone, fast, head, xb), yb)
+        names = list(fast)
+        grads = torch.autograd.grad(
+            loss, [fast[k] for k in names] + list(head), create_graph=create_graph
+        )
+        new = [
+            v - lr * g for v, g in zip([fast[k] for k in names] + list(head), grads, strict=True)
+        ]
+        if not create_graph:
+            new = [v.detach().requires_grad_(True) for v in new]
+        fast = dict(zip(names, new[: len(names)], strict=True))
+        head = (new[-2], new[-1])
+    return fast, head
+
+
+def reptile_gradient(
+    backbone: nn.Module, images: ImageFn, tasks: Sequence[Task], cfg: JointConfig
+) -> Params:
+    """Reptile's pseudo-gradient sum_i (theta - theta_i), so theta - lr * g = theta + lr * sum_i
+    (theta_i - theta); each theta_i after `cfg.inner_steps` steps on the task's support + query."""
+    theta = backbone_params(backbone)
+    total = {k: torch.zeros_like(v) for k, v in theta.items()}
+    for t in tasks:
+        idx = t.all_indices()
+        y = _class_major_labels(t)
+        fast, _ = inner_adapt(
+            backbone, theta, images(idx), y, len(t.classes), cfg.inner_steps, cfg.inner_lr
+        )
+        for k in total:
+            total[k] += theta[k].detach() - fast[k].detach()
+    return total
+
+
+def _class_major_labels(t: Task) -> torch.Tensor:
+    """Local labels of `t.all_indices()` (support block then query block), shape (n,)."""
+    return torch.cat([t.local_labels("support"), t.local_labels("query")])
+
+
+def maml_gradient(
+    backbone: nn.Module, images: ImageFn, tasks: Sequence[Task], cfg: JointConfig
+) -> Params:
+    """MAML's meta-gradient sum_i d L_query(theta_i) / d theta; first order (the gradient at
+    theta_i) unless `cfg.second_order`."""
+    theta = backbone_params(backbone)
+    names = list(theta)
+    total = {k: torch.zeros_like(v) for k, v in theta.items()}
+    for t in tasks:
+        fast, head = inner_adapt(
+            backbone,
+            theta,
+            images(t.support),
+            t.local_labels("support"),
+            len(t.classes),
+            cfg.inner_steps,
+            cfg.inner_lr,
+            create_graph=cfg.second_order,
+        )
+        loss = F.cross_entropy(
+            task_logits(backbone, fast, head, images(t.query)), t.local_labels("query")
+        )
+        wrt = [theta[k] for k in names] if cfg.second_order else [fast[k] for k in names]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        for k, g in zip(names, grads, strict=True):
+            if g is not None:
+                total[k] += g.detach()
+    return total
+
+
+def transfer_gradient(
+    backbone: nn.Module, transfer_head: nn.Linear, images: ImageFn, tasks: Sequence[Task]
+) -> tuple[Params, list[torch.Tensor]]:
+    """Gradient of ordinary base-class cross-entropy on every image of `tasks`.
+
+    Returns:
+        (gradients of the backbone parameters by name, gradients of [head weight, head bias]).
+    """
+    idx = np.concatenate([t.all_indices() for t in tasks])
+    labels = torch.cat([t.all_base_labels() for t in tasks])
+    theta = backbone_params(backbone)
+    names = list(theta)
+    loss = F.cross_entropy(transfer_head(backbone(images(idx))), labels)
+    grads = torch.autograd.grad(loss, [theta[k] for k in names] + list(transfer_head.parameters()))
+    return dict(zip(names, grads[: len(names)], strict=True)), list(grads[len(names) :])
+
+
+class JointLearner:
+    """Owns the backbone, the base-class head and the two optimizers; `step(tasks)` is one
+    meta-iteration of Algorithm 1.
+
+    Args:
+        backbone: a network with `forward_features` and `feature_dim` (e.g. Conv-4).
+        num_base_classes: outputs of the transfer head (all base classes).
+        cfg: the options; validated here.
+
+    Raises:
+        ConfigError: a bad option.
+    """
+
+    def __init__(self, backbone: nn.Module, num_base_classes: int, cfg: JointConfig) -> None:
+        cfg.validate()
+        if num_base_classes < 2:
+            raise ConfigError(f"transfer head needs >= 2 base classes, got {num_base_classes}")
+        self.cfg = cfg
+        self.backbone = backbone
+        self.transfer_head = nn.Linear(int(backbone.feature_dim), num_base_classes)
+        params = list(backbone_params(backbone).values())
+        self.meta_opt = _optimizer(cfg.optimizer, params, cfg.outer_lr)
+        self.transfer_opt = _optimizer(
+            cfg.optimizer, params + list(self.transfer_head.parameters()), cfg.transfer_lr
+        )
+
+    def check_labels(self, num_classes: int) -> None:
+        """Raises DatasetError when the training split's classes do not match the head."""
+        if num_classes != self.transfer_head.out_features:
+            raise DatasetError(
+                f"transfer head has {self.transfer_head.out_features} outputs but the training "
+                f"split has {num_classes} base classes; set model.num_base_classes={num_classes}"
+            )
+
+    def step(self, images: ImageFn, tasks: Sequence[Task]) -> dict[str, float]:
+        """One meta-iteration on `tasks`; `images(idx)` gives float images (len(idx), C, H, W).
+
+        Returns:
+            {"delta_meta": |theta_meta - theta|, "delta_transfer": |theta_transfer - theta|}.
+        """
+        cfg = self.cfg
+        self.backbone.train()
+        params = backbone_params(self.backbone)
+        theta0 = {k: v.detach().clone() for k, v in params.items()}
+        proposals: dict[str, Params] = {}
+        if cfg.uses_meta:
+            fn = reptile_gradient if cfg.meta == "reptile" else maml_gradient
+            grads = fn(self.backbone, images, tasks, cfg)
+            proposals["meta"] = _apply(self.meta_opt, params, grads, theta0)
+        if cfg.uses_transfer:
+            grads, head_grads = transfer_gradient(self.backbone, self.transfer_head, images, tasks)
+            for p, g in zip(self.transfer_head.parameters(), head_grads, strict=True):
+                p.grad = g
+            proposals["transfer"] = _apply(self.transfer_opt, params, grads, theta0)
+        mixed = mix_parameters(theta0, proposals.get("meta"), proposals.get("transfer"), cfg)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(mixed[k])
+        return {
+            f"delta_{name}": float(
+                torch.sqrt(sum(((v - theta0[k]) ** 2).sum() for k, v in prop.items()))
+            )
+            for name, prop in proposals.items()
+        }
+
+
+def _optimizer(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
+
+
+def _apply(opt: torch.optim.Optimizer, params: Params, grads: Params, theta0: Params) -> Params:
+    """One step of `opt` from theta0 with `grads`; returns the proposed weights and puts theta0
+    back into the parameters (the optimizer's state keeps the step)."""
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(theta0[k])
+            p.grad = grads[k].clone()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    proposal = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(theta0[k])
+    return proposal
+
+
+def mix_parameters(
+    theta: Params, meta: Params | None, transfer: Params | None, cfg: JointConfig
+) -> Params:
+    """Combine the proposals.
+
+    paper: beta * meta + (1 - beta) * transfer (a missing proposal has weight 0);
+    code: theta + ((meta - theta) + beta * (transfer - theta)) / 2.
+    """
+    out = {}
+    for k, t in theta.items():
+        d_meta = meta[k] - t if meta is not None else torch.zeros_like(t)
+        d_tr = transfer[k] - t if transfer is not None else torch.zeros_like(t)
+        if cfg.mix == "paper":
+            out[k] = t + cfg.beta * d_meta + (1.0 - cfg.beta) * d_tr
+        else:
+            out[k] = t + 0.5 * (d_meta + cfg.beta * d_tr)
+    return out

@@ -1,0 +1,424 @@
+"""The joint method's driver: recipe -> run folder with a log, metrics and checkpoints.
+
+A run folder holds `config.json` (the resolved recipe), `metrics.jsonl` (one line per logged
+iteration), `train.log` and `checkpoints/last.pt` (a self-describing mtl-edge checkpoint whose
+`state_dict` is the Conv-4 backbone alone, so export and enrollment take it like any other;
+the base-class head travels beside it as `transfer_head`).
+
+Training images are decoded, resized and cached once as uint8 (in memory, and as a .npy file in
+`data.cache_dir` when set) and normalised per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+import torch
+
+from mtl_edge.atomicio import atomic_write, atomic_write_bytes
+from mtl_edge.data.split import ImageSplit
+from mtl_edge.errors import ConfigError, DatasetError
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.joint import JointConfig, JointLearner, TaskSampler
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "mtl-edge.checkpoint"
+CHECKPOINT_VERSION = 1
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class DataConfig:
+    """Where the base classes come from.
+
+    Attributes:
+        kind: an `open_split` kind ("folders" for miniImageNet class folders, "synthetic").
+        root: dataset folder; "" means $MTL_EDGE_DATA/miniimagenet (default ../shared/data).
+        split: the base-class split.
+        image_size: side after resize + center crop (84 in the paper).
+        per_class: use the first N images of every class (0: all).
+        cache_dir: folder for the decoded .npy cache ("" : memory only).
+        options: further `open_split` options (e.g. synthetic per_class).
+    """
+
+    kind: str = "folders"
+    root: str = ""
+    split: str = "train"
+    image_size: int = 84
+    per_class: int = 0
+    cache_dir: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (`create_backbone(backbone, width=width)`) and the transfer head size
+    (0: the number of base classes of the split)."""
+
+    backbone: str = "conv4"
+    width: int = 32
+    num_base_classes: int = 0
+
+
+@dataclass
+class LoopConfig:
+    """Iterations, seed, logging and checkpoint cadence."""
+
+    iterations: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 0
+    threads: int = 0
+
+
+@dataclass
+class JointRecipe:
+    """A whole joint recipe (TOML tables [data], [model], [joint], [train])."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file, or the name of one in recipes/ ("joint-reptile" or "joint-reptile.toml").
+
+    Raises:
+        ConfigError: no such file.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix == ".toml" else path.name + ".toml"
+    candidate = RECIPES_DIR / stem
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("joint-*.toml")))
+    raise ConfigError(f"recipe {str(name_or_path)!r}: no such file; known recipes: {known}")
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(current, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(current, dict) and isinstance(value, dict):
+        return value
+    raise ConfigError(f"{key}={value!r}: expected {type(current).__name__}")
+
+
+def _apply_table(obj: Any, table: dict[str, Any], prefix: str) -> None:
+    names = {f.name for f in fields(obj)}
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown recipe key {dotted!r}; known: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} must be a table")
+            _apply_table(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, current, dotted))
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: write key=value, e.g. joint.beta=0.5")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> JointRecipe:
+    """Read a joint recipe and apply `--set key=value` overrides, then validate.
+
+    Raises:
+        ConfigError: missing file, bad TOML, unknown key, wrong type, bad value.
+    """
+    path = recipe_path(name_or_path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    recipe = JointRecipe()
+    _apply_table(recipe, doc, "")
+    for item in overrides or []:
+        keys, value = _parse_set(item)
+        table: dict[str, Any] = {keys[-1]: value}
+        for k in reversed(keys[:-1]):
+            table = {k: table}
+        _apply_table(recipe, table, "")
+    recipe.joint.validate()
+    if recipe.data.image_size < 16:
+        raise ConfigError(f"data.image_size={recipe.data.image_size}: must be >= 16")
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def data_root(root: str) -> Path:
+    """`root`, or $MTL_EDGE_DATA/miniimagenet, or ../shared/data/miniimagenet of the repo."""
+    if root:
+        return Path(root)
+    base = os.environ.get("MTL_EDGE_DATA") or str(RECIPES_DIR.parent.parent / "shared" / "data")
+    return Path(base) / "miniimagenet"
+
+
+def first_per_class(split: ImageSplit, count: int) -> ImageSplit:
+    """The first `count` images of every class (all when count is 0)."""
+    if count <= 0:
+        return split
+    keep = np.concatenate([ix[:count] for ix in split.indices_by_class()])
+    return split.take(np.sort(keep))
+
+
+def decoded_images(split: ImageSplit, size: int, cache_dir: str | Path | None) -> np.ndarray:
+    """uint8 images of shape (N, H, W, C) or (N, H, W): decoded once, cached as .npy if asked."""
+    from mtl_edge.train.datasets import decode_split
+
+    if not cache_dir:
+        return decode_split(split, size=size)
+    path = Path(cache_dir) / f"{split.fingerprint()[:16]}-{size}-{split.color_mode}.npy"
+    if path.is_file():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            log.warning("%s: unreadable decode cache (%s); decoding again", path, e)
+    array = decode_split(split, size=size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    return array
+
+
+class ImageBank:
+    """Decoded uint8 images in memory, normalised on request.
+
+    Args:
+        array: uint8 of shape (N, H, W, C) or (N, H, W).
+        preprocess: the mean / std / scale / invert to apply.
+    """
+
+    def __init__(self, array: np.ndarray, preprocess: Preprocess) -> None:
+        x = torch.from_numpy(np.ascontiguousarray(array))
+        self.images = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+        channels = self.images.shape[1]
+        self.mean = torch.tensor(preprocess.mean[:channels]).view(1, -1, 1, 1)
+        self.std = torch.tensor(preprocess.std[:channels]).view(1, -1, 1, 1)
+        self.scale = float(preprocess.scale)
+        self.invert = bool(preprocess.invert)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __call__(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Float images of shape (len(idx), C, H, W)."""
+        x = self.images[torch.as_tensor(np.asarray(idx), dtype=torch.long)].float() * self.scale
+        if self.invert:
+            x = 1.0 - x
+        return (x - self.mean) / self.std
+
+
+def make_preprocess(split: ImageSplit, size: int) -> Preprocess:
+    """The checkpoint's preprocessing: resize + crop to `size`, ImageNet mean/std for RGB."""
+    if split.color_mode == "L":
+        return Preprocess(size=size, color_mode="L", mean=(0.5,), std=(0.5,))
+    return Preprocess(size=size)
+
+
+def open_base_split(cfg: DataConfig) -> ImageSplit:
+    """The base-class split of the recipe, trimmed to `per_class`."""
+    from mtl_edge.train.datasets import open_split
+
+    root = None if cfg.kind == "synthetic" else data_root(cfg.root)
+    split = open_split(cfg.kind, root, cfg.split, **cfg.options)
+    return first_per_class(split, cfg.per_class)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_joint_checkpoint(
+    path: Path,
+    learner: JointLearner,
+    recipe: JointRecipe,
+    preprocess: Preprocess,
+    metrics: dict[str, Any],
+    class_names: list[str],
+) -> None:
+    """Write a self-describing checkpoint atomically."""
+    backbone = learner.backbone
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": str(getattr(backbone, "name", recipe.model.backbone)),
+        "model_args": dict(backbone.model_args),
+        "state_dict": {k: v.detach().clone() for k, v in backbone.state_dict().items()},
+        "stage": "joint",
+        "method": recipe.joint.method,
+        "preprocess": preprocess.to_dict(),
+        "config": asdict(recipe),
+        "metrics": metrics,
+        "adapt": adapt_settings(recipe.joint),
+        "transfer_head": {
+            k: v.detach().clone() for k, v in learner.transfer_head.state_dict().items()
+        },
+        "base_classes": list(class_names),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def adapt_settings(cfg: JointConfig) -> dict[str, Any]:
+    """How the evaluation grid adapts this model to a new task: "finetune" for plain transfer,
+    "inner" (the training inner loop's SGD steps) for the meta-learned models."""
+    return {
+        "kind": "finetune" if cfg.method == "transfer" else "inner",
+        "steps": max(cfg.inner_steps, 10),
+        "lr": cfg.inner_lr,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train_joint(recipe: JointRecipe, out: str | Path, progress: bool | None = None) -> Path:
+    """Train one joint recipe into run folder `out` (created; refused if it has a checkpoint).
+
+    Returns:
+        the path of the final checkpoint.
+
+    Raises:
+        ConfigError / DatasetError: bad recipe, data that cannot supply the tasks.
+    """
+    from mtl_edge.train.backbones import create_backbone
+
+    out = Path(out)
+    final = out / "checkpoints" / "last.pt"
+    if final.exists():
+        raise ConfigError(f"{out}: already holds a trained run; pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("mtl_edge").addHandler(handler)
+    try:
+        return _train(recipe, out, final, create_backbone)
+    finally:
+        logging.getLogger("mtl_edge").removeHandler(handler)
+        handler.close()
+
+
+def _train(recipe: JointRecipe, out: Path, final: Path, create_backbone: Any) -> Path:
+    loop = recipe.train
+    if loop.threads > 0:
+        torch.set_num_threads(loop.threads)
+    torch.manual_seed(loop.seed)
+    atomic_write_bytes(out / "config.json", (json.dumps(asdict(recipe), indent=2) + "\n").encode())
+    split = open_base_split(recipe.data)
+    if split.num_classes < 2:
+        raise DatasetError(f"{split.name}: {split.num_classes} class; training needs >= 2")
+    preprocess = make_preprocess(split, recipe.data.image_size)
+    t0 = time.perf_counter()
+    bank = ImageBank(
+        decoded_images(split, recipe.data.image_size, recipe.data.cache_dir), preprocess
+    )
+    log.info("decoded %d images of %s in %.1f s", len(bank), split.name, time.perf_counter() - t0)
+    in_channels = 1 if split.color_mode == "L" else 3
+    backbone = create_backbone(
+        recipe.model.backbone, width=recipe.model.width, in_channels=in_channels
+    )
+    heads = recipe.model.num_base_classes or split.num_classes
+    learner = JointLearner(backbone, heads, recipe.joint)
+    learner.check_labels(split.num_classes)
+    cfg = recipe.joint
+    sampler = TaskSampler(split.labels, cfg.ways, cfg.shots, cfg.queries, loop.seed)
+    metrics_path = out / "metrics.jsonl"
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    last: dict[str, Any] = {}
+    for it in range(1, loop.iterations + 1):
+        tasks = [sampler.task() for _ in range(cfg.meta_batch)]
+        stats = learner.step(bank, tasks)
+        if it % max(loop.log_every, 1) == 0 or it == loop.iterations:
+            last = {"iteration": it, "seconds": round(time.perf_counter() - t0, 2), **stats}
+            lines.append(json.dumps(last))
+            atomic_write_bytes(metrics_path, ("\n".join(lines) + "\n").encode())
+            log.info("%s it %d/%d %s", cfg.method, it, loop.iterations, stats)
+        if loop.checkpoint_every and it % loop.checkpoint_every == 0 and it < loop.iterations:
+            save_joint_checkpoint(
+                out / "checkpoints" / f"it{it:06d}.pt",
+                learner,
+                recipe,
+                preprocess,
+                last,
+                split.class_names,
+            )
+    save_joint_checkpoint(final, learner, recipe, preprocess, last, split.class_names)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mtl_edge.train.joint_train --recipe R --out RUN [--set k=v ...]`."""
+    import argparse
+    import sys
+
+    from mtl_edge.errors import MtlEdgeError
+
+    parser = argparse.ArgumentParser(description="Train a joint transfer + meta-learning recipe.")
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        path = train_joint(load_recipe(args.recipe, args.overrides), args.out)
+    except MtlEdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
