@@ -57,12 +57,26 @@ def test_hard_tasks_contain_only_failure_classes_and_fresh_images() -> None:
     assert sampler.reused == 0
 
 
-def test_without_fresh_images_reuse_is_allowed() -> None:
+def test_too_few_fresh_images_takes_every_fresh_one_first() -> None:
     by_class = _by_class(per=6)
     sampler = HardTaskSampler(by_class, 2, 2, 3, seed=0, fresh_images=True)
-    used = np.concatenate([by_class[c][:3] for c in (0, 1)])  # 3 left < 5 needed
-    episodes = sampler.sample([0, 1], count=1, used=used)
-    assert len(episodes) == 1 and sampler.reused == 2
+    used = np.concatenate([by_class[c][:3] for c in (0, 1)])  # 3 fresh left < 5 needed
+    (episode,) = sampler.sample([0, 1], count=1, used=used)
+    assert sampler.reused == 2
+    for j, c in enumerate(episode.classes):
+        picked = np.concatenate(
+            [episode.support[j * 2 : (j + 1) * 2], episode.query[j * 3 : (j + 1) * 3]]
+        )
+        assert len(set(picked.tolist())) == 5
+        assert set(by_class[c][3:].tolist()) <= set(picked.tolist())
+
+
+def test_fresh_images_off_ignores_used() -> None:
+    by_class = _by_class(per=5)
+    sampler = HardTaskSampler(by_class, 2, 2, 3, seed=0, fresh_images=False)
+    used = np.concatenate(by_class[:2])
+    (episode,) = sampler.sample([0, 1], count=1, used=used)
+    assert np.isin(episode.query, used).all() and sampler.reused == 0
 
 
 def test_small_pool_is_topped_up_from_rankings_only() -> None:

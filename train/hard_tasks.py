@@ -19,7 +19,8 @@ Decisions the papers leave open, made here:
   meta-batch; no class from outside the meta-batch is ever used. Without rankings to top up
   from, no hard task is drawn and the event is counted as `skipped`.
 - Fresh images: drawn from the class's images not used by the meta-batch; when fewer than
-  shots + queries remain, the task falls back to all images of that class (counted as
+  shots + queries remain (Omniglot: 20 images, 16 used by a 1-shot 15-query task), all the
+  unused ones are taken and the rest is filled with used ones, shuffled together (counted as
   `reused`).
 """
 
@@ -175,26 +176,16 @@ class HardTaskSampler:
         if len(pool) < self.ways:
             self.skipped += 1
             return []
-        used_set = set(int(i) for i in used) if (used is not None and self.fresh_images) else set()
+        used_arr = (
+            np.unique(np.fromiter(used, dtype=np.int64))
+            if used is not None and self.fresh_images
+            else np.zeros(0, dtype=np.int64)
+        )
         need = self.shots + self.queries
         episodes = []
         for _ in range(count):
             classes = self.rng.choice(np.asarray(pool, dtype=np.int64), self.ways, replace=False)
-            picks = []
-            for c in classes:
-                candidates = self.indices_by_class[c]
-                if used_set:
-                    fresh = candidates[~np.isin(candidates, list(used_set))]
-                    if len(fresh) >= need:
-                        candidates = fresh
-                    else:
-                        self.reused += 1
-                if len(candidates) < need:
-                    raise ConfigError(
-                        f"hard tasks: class {int(c)} has {len(candidates)} images, fewer than "
-                        f"shots + queries = {need}"
-                    )
-                picks.append(self.rng.choice(candidates, need, replace=False))
+            picks = [self._pick(int(c), need, used_arr) for c in classes]
             episodes.append(
                 Episode(
                     classes=classes.astype(np.int64),
@@ -203,6 +194,22 @@ class HardTaskSampler:
                 )
             )
         return episodes
+
+    def _pick(self, c: int, need: int, used: np.ndarray) -> np.ndarray:
+        """`need` distinct sample indices of class `c`, unused ones first (shuffled)."""
+        candidates = self.indices_by_class[c]
+        if len(candidates) < need:
+            raise ConfigError(
+                f"hard tasks: class {c} has {len(candidates)} images, fewer than "
+                f"shots + queries = {need}"
+            )
+        is_used = np.isin(candidates, used)
+        fresh = candidates[~is_used]
+        if len(fresh) >= need:
+            return self.rng.choice(fresh, need, replace=False)
+        self.reused += 1
+        extra = self.rng.choice(candidates[is_used], need - len(fresh), replace=False)
+        return self.rng.permutation(np.concatenate([fresh, extra]))
 
 
 @dataclass
