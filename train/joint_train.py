@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -265,12 +266,61 @@ def make_preprocess(split: ImageSplit, size: int) -> Preprocess:
     return Preprocess(size=size)
 
 
-def open_base_split(cfg: DataConfig) -> ImageSplit:
-    """The base-class split of the recipe, trimmed to `per_class`."""
+_PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[(\d*):(\d*)\])?$")
+
+
+def open_split_spec(kind: str, root: Path | None, spec: str, **options: Any) -> ImageSplit:
+    """A split named by `spec`: "train", a class range of one ("train[:44]", "train[44:]",
+    classes in the split's order), or several joined with "+" ("test+train[44:]").
+
+    Raises:
+        DatasetError: a malformed spec, an empty class range, or a missing split.
+    """
     from mtl_edge.train.datasets import open_split
 
+    parts = []
+    for part in spec.split("+"):
+        m = _PART.match(part.strip())
+        if not m:
+            raise DatasetError(
+                f"split {spec!r}: write NAME, NAME[a:b] or A+B, e.g. test+train[44:]"
+            )
+        split = open_split(kind, root, m.group(1), **options)
+        if m.group(2) is not None or m.group(3) is not None:
+            lo = int(m.group(2) or 0)
+            hi = int(m.group(3) or split.num_classes)
+            ids = list(range(lo, min(hi, split.num_classes)))
+            if not ids:
+                raise DatasetError(
+                    f"split {spec!r}: {part} selects no class of {split.num_classes}"
+                )
+            split = split.subset(ids, name=f"{split.name}[{lo}:{hi}]")
+        parts.append(split)
+    return parts[0] if len(parts) == 1 else concat_splits(parts, f"{kind}/{spec}")
+
+
+def concat_splits(splits: list[ImageSplit], name: str) -> ImageSplit:
+    """The classes of several splits (all file-based or all in-memory) as one split, labels
+    renumbered."""
+    labels: list[np.ndarray] = []
+    names: list[str] = []
+    for s in splits:
+        labels.append(np.asarray(s.labels) + len(names))
+        names += list(s.class_names)
+    mode = splits[0].color_mode
+    if all(s.paths is not None for s in splits):
+        paths = [p for s in splits for p in s.paths or []]
+        return ImageSplit(name, names, np.concatenate(labels), paths=paths, color_mode=mode)
+    if all(s.arrays is not None for s in splits):
+        arrays = np.concatenate([s.arrays for s in splits if s.arrays is not None])
+        return ImageSplit(name, names, np.concatenate(labels), arrays=arrays, color_mode=mode)
+    raise DatasetError(f"{name}: its parts are stored differently and cannot be joined")
+
+
+def open_base_split(cfg: DataConfig) -> ImageSplit:
+    """The base-class split of the recipe (a `open_split_spec` spec), trimmed to `per_class`."""
     root = None if cfg.kind == "synthetic" else data_root(cfg.root)
-    split = open_split(cfg.kind, root, cfg.split, **cfg.options)
+    split = open_split_spec(cfg.kind, root, cfg.split, **cfg.options)
     return first_per_class(split, cfg.per_class)
 
 

@@ -1,0 +1,323 @@
+"""The N-way x K-shot evaluation grid (Eshratifar et al.): every model on the SAME seeded episodes
+of unseen classes, each adapting the way its method adapts, mean accuracy with 95% intervals.
+
+Adaptation kinds (the checkpoint's `adapt` entry; "centroid" for a checkpoint without one):
+
+- "inner" (Reptile, MAML, joint) and "finetune" (transfer): a copy of the whole network with a
+  zero (ways, D) head takes `steps` SGD steps at `lr` on random support batches of at most
+  `batch_size` images (BatchNorm on batch statistics, as in training); the query is then
+  classified with the running statistics (non-transductive).
+- "centroid" (ProtoNet-style): features of the whole split are extracted once per model, the
+  query is assigned to the nearest class mean (cosine).
+
+Settings the split cannot supply (fewer classes than ways, or fewer images per class than
+shots + queries) are listed as skipped with the reason; 35-way needs the 36 val + test classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl_edge.atomicio import atomic_write_bytes
+from mtl_edge.data.episodes import Episode, EpisodeSampler
+from mtl_edge.data.split import ImageSplit
+from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.joint import zero_head
+from mtl_edge.train.joint_train import ImageBank, decoded_images, open_split_spec
+from mtl_edge.train.joint_train import data_root as resolve_data_root
+from mtl_edge.train.metatest import confidence_interval
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WAYS = (5, 20, 35)
+DEFAULT_SHOTS = (1, 5, 100)
+ADAPT_KINDS = ("inner", "finetune", "centroid")
+
+
+@dataclass
+class GridModel:
+    """One model of the grid.
+
+    Attributes:
+        name: the column title.
+        backbone: a network with `forward_features` and `feature_dim`.
+        preprocess: how its input images are made (size, mean, std).
+        adapt: {"kind": one of ADAPT_KINDS, "steps": int, "lr": float, "batch_size": int}.
+    """
+
+    name: str
+    backbone: nn.Module
+    preprocess: Preprocess
+    adapt: dict[str, Any] = field(default_factory=lambda: {"kind": "centroid"})
+
+    def __post_init__(self) -> None:
+        kind = self.adapt.get("kind")
+        if kind not in ADAPT_KINDS:
+            raise ConfigError(f"model {self.name}: adapt kind {kind!r}; use {ADAPT_KINDS}")
+
+
+@dataclass
+class GridSetting:
+    """One cell row: N ways, K shots; `reason` is set when the split cannot supply it."""
+
+    ways: int
+    shots: int
+    reason: str = ""
+
+
+def plan_settings(
+    split: ImageSplit, ways: Sequence[int], shots: Sequence[int], queries: int
+) -> list[GridSetting]:
+    """Every (N, K) pair, with the reason it is skipped when the split cannot supply it."""
+    out = []
+    for n in ways:
+        for k in shots:
+            try:
+                split.require(n, k + queries)
+                EpisodeSampler.for_split(split, n, k, queries)
+                out.append(GridSetting(n, k))
+            except DatasetError as e:
+                out.append(GridSetting(n, k, f"{n}-way {k}-shot: {e}"))
+    return out
+
+
+def episodes_for(
+    split: ImageSplit, setting: GridSetting, queries: int, count: int, seed: int
+) -> list[Episode]:
+    """The setting's episodes: a pure function of (seed, ways, shots, index)."""
+    sampler = EpisodeSampler.for_split(
+        split,
+        setting.ways,
+        setting.shots,
+        queries,
+        seed=seed * 1_000_003 + setting.ways * 1000 + setting.shots,
+    )
+    return sampler.episodes(count)
+
+
+@torch.no_grad()
+def extract_all(backbone: nn.Module, bank: ImageBank, batch: int = 500) -> torch.Tensor:
+    """Eval-mode features of every image of the bank, shape (N, D)."""
+    backbone.eval()
+    parts = [
+        backbone(bank(np.arange(i, min(i + batch, len(bank))))) for i in range(0, len(bank), batch)
+    ]
+    return torch.cat(parts)
+
+
+def centroid_accuracy(features: torch.Tensor, ep: Episode) -> float:
+    """Cosine nearest-centroid accuracy (%) of one episode given features of shape (N, D)."""
+    s = F.normalize(features[torch.as_tensor(ep.support)], dim=1)
+    q = F.normalize(features[torch.as_tensor(ep.query)], dim=1)
+    centroids = F.normalize(s.view(ep.ways, ep.shots, -1).mean(1), dim=1)
+    pred = (q @ centroids.T).argmax(1)
+    return float((pred == torch.as_tensor(ep.query_labels())).float().mean() * 100)
+
+
+def finetune_accuracy(
+    backbone: nn.Module, bank: ImageBank, ep: Episode, adapt: dict[str, Any], seed: int
+) -> float:
+    """Accuracy (%) after SGD on the support set of a copy of the network with a zero head."""
+    model = copy.deepcopy(backbone)
+    model.train()
+    steps, lr = int(adapt.get("steps", 10)), float(adapt.get("lr", 0.01))
+    batch = int(adapt.get("batch_size", 128))
+    params = [p for p in model.parameters() if p.requires_grad]
+    head = zero_head(ep.ways, int(model.feature_dim), params[0])
+    opt = torch.optim.SGD(params + list(head), lr=lr)
+    x_all, y_all = ep.support, torch.as_tensor(ep.support_labels())
+    gen = np.random.default_rng(seed)
+    for _ in range(steps):
+        pick = gen.permutation(len(x_all))[:batch]
+        logits = F.linear(model(bank(x_all[pick])), head[0], head[1])
+        loss = F.cross_entropy(logits, y_all[torch.as_tensor(pick)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(ep.query), 500):
+            q = ep.query[i : i + 500]
+            pred = F.linear(model(bank(q)), head[0], head[1]).argmax(1)
+            correct += int((pred == torch.as_tensor(ep.query_labels()[i : i + 500])).sum())
+    return 100.0 * correct / len(ep.query)
+
+
+def evaluate_grid(
+    models: Sequence[GridModel],
+    split: ImageSplit,
+    ways: Sequence[int] = DEFAULT_WAYS,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    episodes: int = 20,
+    queries: int = 15,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate every model on every supplied (N, K) of the grid, on the same episodes.
+
+    Returns:
+        {"split", "seed", "episodes", "queries", "models", "results": [{"ways", "shots",
+        "model", "mean", "ci95", "episodes"}], "skipped": [{"ways", "shots", "reason"}]}.
+
+    Raises:
+        DatasetError: no setting of the grid can be supplied by the split.
+        ConfigError: no models, or episodes < 1.
+    """
+    if not models:
+        raise ConfigError("grid: give at least one checkpoint")
+    if episodes < 1:
+        raise ConfigError(f"grid episodes={episodes}: must be >= 1")
+    settings = plan_settings(split, ways, shots, queries)
+    runnable = [s for s in settings if not s.reason]
+    if not runnable:
+        raise DatasetError(
+            f"grid: {split.name} supplies none of the settings ({settings[0].reason})"
+        )
+    banks: dict[tuple[int, str, tuple[float, ...], tuple[float, ...]], ImageBank] = {}
+    results = []
+    for m in models:
+        pp = m.preprocess
+        key = (pp.size, pp.color_mode, tuple(pp.mean), tuple(pp.std))
+        if key not in banks:
+            banks[key] = ImageBank(decoded_images(split, pp.size, cache_dir), pp)
+        bank = banks[key]
+        kind = m.adapt["kind"]
+        features = extract_all(m.backbone, bank) if kind == "centroid" else None
+        for s in runnable:
+            accs = []
+            for i, ep in enumerate(episodes_for(split, s, queries, episodes, seed)):
+                if features is not None:
+                    accs.append(centroid_accuracy(features, ep))
+                else:
+                    accs.append(finetune_accuracy(m.backbone, bank, ep, m.adapt, seed + i))
+            mean, ci = confidence_interval(accs)
+            log.info("%s %d-way %d-shot: %.2f +- %.2f", m.name, s.ways, s.shots, mean, ci)
+            results.append(
+                {
+                    "ways": s.ways,
+                    "shots": s.shots,
+                    "model": m.name,
+                    "mean": mean,
+                    "ci95": ci,
+                    "episodes": len(accs),
+                }
+            )
+    return {
+        "split": split.name,
+        "classes": split.num_classes,
+        "seed": seed,
+        "episodes": episodes,
+        "queries": queries,
+        "models": [{"name": m.name, "adapt": m.adapt} for m in models],
+        "results": results,
+        "skipped": [
+            {"ways": s.ways, "shots": s.shots, "reason": s.reason} for s in settings if s.reason
+        ],
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table: one row per setting, one column per model, "mean +- ci95" (%)."""
+    names = [m["name"] for m in report["models"]]
+    cells: dict[tuple[int, int], dict[str, str]] = {}
+    for r in report["results"]:
+        cells.setdefault((r["ways"], r["shots"]), {})[r["model"]] = (
+            f"{r['mean']:.1f} +- {r['ci95']:.1f}"
+        )
+    width = max([14] + [len(n) + 2 for n in names])
+    lines = ["setting".ljust(12) + "".join(n.rjust(width) for n in names)]
+    for (n, k), row in cells.items():
+        lines.append(
+            f"{n}-way {k}-shot".ljust(12) + "".join(row.get(x, "-").rjust(width) for x in names)
+        )
+    for s in report["skipped"]:
+        lines.append(f"skipped {s['reason']}")
+    lines.append(
+        f"{report['split']} ({report['classes']} classes), seed {report['seed']}, "
+        f"{report['episodes']} episodes x {report['queries']} queries per class"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and splits
+
+
+def load_grid_model(path: str | Path) -> GridModel:
+    """A grid model from a self-describing checkpoint (`adapt` entry or "centroid").
+
+    Raises:
+        MtlEdgeError: unreadable or not a backbone checkpoint.
+    """
+    from mtl_edge.train.backbones import create_backbone
+
+    path = Path(path)
+    if not path.is_file():
+        raise MtlEdgeError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors of every kind
+        raise MtlEdgeError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise MtlEdgeError(f"{path}: not an mtl-edge checkpoint; pass a file from `mtl-edge train`")
+    model = create_backbone(ckpt["model"], **dict(ckpt.get("model_args", {})))
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise MtlEdgeError(
+            f"{path}: weights do not fit {ckpt['model']!r} ({str(e)[:100]})"
+        ) from None
+    name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
+    adapt = dict(ckpt.get("adapt") or {"kind": "centroid"})
+    return GridModel(name, model.eval(), Preprocess.from_dict(ckpt["preprocess"]), adapt)
+
+
+def open_eval_split(dataset: str, root: str | Path | None, split: str) -> ImageSplit:
+    """ "test", "val", "val+test" (the paper's 36 unseen classes) or any `open_split_spec`
+    (e.g. "test+train[44:]" when training used "train[:44]").
+
+    Raises:
+        DatasetError: a malformed spec, or a missing split folder.
+    """
+    base = None if dataset == "synthetic" else resolve_data_root(str(root or ""))
+    return open_split_spec(dataset, base, split)
+
+
+def evaluate_grid_cli(
+    checkpoint: str | Path | Sequence[str | Path],
+    data_root: str | Path | None,
+    dataset: str,
+    split: str,
+    ways: Sequence[int] | None,
+    shots: Sequence[int] | None,
+    episodes: int,
+    seed: int,
+    as_json: bool,
+    out: str | Path | None = None,
+    queries: int = 15,
+) -> dict[str, Any]:
+    """`mtl-edge train evaluate --grid`: print the table (or JSON) and write the JSON report to
+    `out` (default: grid-<split>-seed<seed>.json beside the first checkpoint)."""
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    models = [load_grid_model(p) for p in paths]
+    eval_split = open_eval_split(dataset, data_root, split)
+    report = evaluate_grid(
+        models, eval_split, ways or DEFAULT_WAYS, shots or DEFAULT_SHOTS, episodes, queries, seed
+    )
+    target = Path(out) if out else Path(paths[0]).parent / f"grid-{split}-seed{seed}.json"
+    atomic_write_bytes(target, (json.dumps(report, indent=2) + "\n").encode())
+    print(json.dumps(report, indent=2) if as_json else format_table(report))
+    return report
