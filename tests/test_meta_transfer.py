@@ -16,6 +16,7 @@ from mtl_edge.train.meta_transfer import (
     MetaTransferLearner,
     Task,
     TaskBuilder,
+    learner_from_parts,
 )
 from mtl_edge.train.ss import ss_modules
 
@@ -170,3 +171,32 @@ def test_task_builder_labels_and_indices() -> None:
     assert task.support_y.tolist() == [0, 0, 1, 1, 2, 2]
     assert task.query_x.shape == (WAYS * QUERIES, 3, 16, 16)
     assert task.indices is not None and len(task.indices) == WAYS * (SHOTS + QUERIES)
+
+
+def test_checkpoint_parts_round_trip(tmp_path) -> None:
+    learner = _learner(fc_init="normal", second_order=True)
+    with torch.no_grad():
+        for m in ss_modules(learner.encoder):
+            m.ss_shift.normal_(0.0, 0.1)
+    path = tmp_path / "m.pt"
+    torch.save(learner.checkpoint_parts(), path)
+    parts = torch.load(path, weights_only=True)
+    again = learner_from_parts(**parts)
+    assert again.settings == learner.settings and again.ways == WAYS
+    task = _tasks(1)[0]
+    learner.eval()
+    again.eval()
+    with torch.no_grad():
+        a = learner.task_logits(task.support_x, task.support_y, task.query_x)
+        b = again.task_logits(task.support_x, task.support_y, task.query_x)
+    torch.testing.assert_close(a, b)
+
+
+def test_parts_from_pretraining_and_wrong_architecture() -> None:
+    backbone = create_backbone("conv4", width=8)
+    learner = learner_from_parts("conv4", backbone.model_args, backbone.state_dict(), ways=4)
+    assert learner.ways == 4 and ss_modules(learner.encoder)
+    with pytest.raises(ConfigError, match="another architecture"):
+        learner_from_parts("conv4", {"width": 16}, backbone.state_dict())
+    with pytest.raises(ConfigError, match="unknown"):
+        learner_from_parts("resnet99", {}, backbone.state_dict())

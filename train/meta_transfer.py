@@ -339,6 +339,23 @@ class MetaTransferLearner(nn.Module):
             tasks=per_task,
         )
 
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """The learner as plain data for a self-describing checkpoint (tensors and JSON-able
+        values only, loadable with `torch.load(weights_only=True)`):
+        {"model", "model_args", "state_dict" (the SS encoder), "fc_init": {"weight", "bias"},
+        "meta": settings + "ways"}. `learner_from_parts(**parts)` rebuilds it."""
+        encoder: Any = self.encoder
+        return {
+            "model": str(getattr(encoder, "name", "")),
+            "model_args": dict(getattr(encoder, "model_args", {})),
+            "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+            "fc_init": {
+                "weight": self.fc_weight.detach().cpu(),
+                "bias": self.fc_bias.detach().cpu(),
+            },
+            "meta": self.settings.to_dict() | {"ways": self.ways},
+        }
+
     @torch.no_grad()
     def evaluate_task(self, task: Task, steps: int | None = None) -> TaskStats:
         """Query results of one task in eval mode (validation)."""
@@ -362,3 +379,64 @@ def task_stats(logits: torch.Tensor, task: Task, loss: float) -> TaskStats:
         loss=loss,
         is_hard=task.is_hard,
     )
+
+
+def learner_from_parts(
+    model: str,
+    model_args: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    fc_init: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | MetaSettings | None = None,
+    ways: int | None = None,
+) -> MetaTransferLearner:
+    """A `MetaTransferLearner` from checkpoint parts (see `checkpoint_parts`).
+
+    Args:
+        model, model_args: the registry backbone.
+        state_dict: the encoder's weights, with SS parameters (meta-training checkpoint) or
+            without (pre-training checkpoint: SS starts at identity).
+        fc_init: {"weight" (ways, D), "bias" (ways,)} or None (the settings' `fc_init`).
+        meta: `MetaSettings` or a mapping; keys that are not settings fields (e.g. "ways",
+            learning rates of the driver) are ignored here.
+        ways: N when there is no `fc_init` (default meta["ways"], else 5).
+
+    Raises:
+        ConfigError: unknown backbone or weights that do not fit it (one line).
+    """
+    from mtl_edge.train.backbones import create_backbone
+
+    if isinstance(meta, MetaSettings):
+        settings, meta_map = meta, {}
+    else:
+        meta_map = dict(meta or {})
+        known = {f.name for f in fields(MetaSettings)}
+        settings = MetaSettings(**{k: v for k, v in meta_map.items() if k in known})
+    encoder = create_backbone(model, **model_args)
+    shortcut = bool(model_args.get("ss_shortcut", True))
+    has_ss = any(k.endswith("ss_scale") for k in state_dict)
+    if has_ss:
+        convert_to_ss(encoder, shortcut=shortcut)
+    try:
+        encoder.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        details = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        first = (details or [str(e)])[0][:200]
+        raise ConfigError(
+            f"checkpoint weights do not fit backbone {model!r} with {model_args} ({first}); "
+            "was it written for another architecture?"
+        ) from None
+    if fc_init is not None:
+        ways = int(fc_init["weight"].shape[0])
+    elif ways is None:
+        ways = int(meta_map.get("ways", 5))
+    learner = MetaTransferLearner(encoder, ways, settings, ss_shortcut=shortcut)
+    if fc_init is not None:
+        if tuple(fc_init["weight"].shape) != tuple(learner.fc_weight.shape):
+            raise ConfigError(
+                f"checkpoint fc_init weight {tuple(fc_init['weight'].shape)} does not fit "
+                f"({ways}, {learner.fc_weight.shape[1]}) of backbone {model!r}"
+            )
+        with torch.no_grad():
+            learner.fc_weight.copy_(fc_init["weight"])
+            learner.fc_bias.copy_(fc_init["bias"])
+    return learner
