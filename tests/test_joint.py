@@ -1,0 +1,208 @@
+"""The joint transfer + meta-learning step (train/joint.py) on toy networks and data."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl_edge.errors import ConfigError, DatasetError
+from mtl_edge.train.joint import (
+    JointConfig,
+    JointLearner,
+    Task,
+    TaskSampler,
+    maml_gradient,
+    mix_parameters,
+    reptile_gradient,
+)
+
+
+class Toy(nn.Module):
+    """A linear 'backbone': inputs (B, 6) -> features (B, 3)."""
+
+    feature_dim = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+def _data(n_classes: int = 6, per_class: int = 12, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, 6, generator=gen) * 2
+    labels = np.repeat(np.arange(n_classes), per_class)
+    x = centers[torch.as_tensor(labels)] + 0.3 * torch.randn(len(labels), 6, generator=gen)
+    return x, labels
+
+
+def _learner(cfg: JointConfig, n_classes: int = 6) -> JointLearner:
+    torch.manual_seed(0)
+    return JointLearner(Toy(), n_classes, cfg)
+
+
+def _tasks(labels: np.ndarray, cfg: JointConfig, n: int = 3) -> list[Task]:
+    sampler = TaskSampler(labels, cfg.ways, cfg.shots, cfg.queries, seed=1)
+    return [sampler.task() for _ in range(n)]
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("meta", ["reptile", "maml"])
+def test_beta_one_is_the_meta_step_alone(meta: str) -> None:
+    x, labels = _data()
+    cfg = JointConfig(meta=meta, beta=1.0, ways=3, shots=2, queries=2, inner_steps=2)
+    learner = _learner(cfg)
+    reference = copy.deepcopy(learner.backbone)
+    opt = torch.optim.Adam(reference.parameters(), lr=cfg.outer_lr)
+    head_before = _state(learner.transfer_head)
+    tasks = _tasks(labels, cfg)
+    stats = learner.step(lambda i: x[torch.as_tensor(i)], tasks)
+    fn = reptile_gradient if meta == "reptile" else maml_gradient
+    grads = fn(reference, lambda i: x[torch.as_tensor(i)], tasks, cfg)
+    for k, p in reference.named_parameters():
+        p.grad = grads[k]
+    opt.step()
+    assert set(stats) == {"delta_meta"}
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(learner.backbone.state_dict()[k], v)
+    for k, v in head_before.items():  # the transfer step did not run
+        torch.testing.assert_close(learner.transfer_head.state_dict()[k], v)
+    assert not torch.equal(reference.fc.weight, Toy().fc.weight)
+
+
+def test_beta_zero_is_the_transfer_step_alone() -> None:
+    x, labels = _data()
+    cfg = JointConfig(beta=0.0, ways=3, shots=2, queries=2)
+    learner = _learner(cfg)
+    net = copy.deepcopy(learner.backbone)
+    head = copy.deepcopy(learner.transfer_head)
+    opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=cfg.transfer_lr)
+    tasks = _tasks(labels, cfg)
+    stats = learner.step(lambda i: x[torch.as_tensor(i)], tasks)
+    idx = np.concatenate([t.all_indices() for t in tasks])
+    F.cross_entropy(head(net(x[idx])), torch.as_tensor(labels[idx])).backward()
+    opt.step()
+    assert set(stats) == {"delta_transfer"}
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(learner.backbone.state_dict()[k], v)
+    torch.testing.assert_close(learner.transfer_head.weight, head.weight)
+
+
+def test_mixing_rules() -> None:
+    theta = {"w": torch.zeros(2)}
+    meta, transfer = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}
+    paper = mix_parameters(theta, meta, transfer, JointConfig(beta=0.25))
+    torch.testing.assert_close(paper["w"], torch.tensor([0.25, 0.75]))
+    code = mix_parameters(theta, meta, transfer, JointConfig(mix="code", beta=0.1))
+    torch.testing.assert_close(code["w"], torch.tensor([0.5, 0.05]))
+    assert JointConfig(beta=1.0).method == "reptile"
+    assert JointConfig(beta=0.0).method == "transfer"
+    assert JointConfig(meta="maml", beta=0.5).method == "maml+transfer"
+    assert JointConfig(mix="code", beta=0.0).method == "reptile"
+
+
+def test_reptile_moves_theta_toward_the_task_solution() -> None:
+    """One task, SGD outer step: -g equals theta_k - theta of a hand-written inner loop, and
+    repeated Reptile steps lower that task's loss after adaptation."""
+    x, labels = _data()
+    cfg = JointConfig(beta=1.0, ways=3, shots=4, queries=0, inner_steps=3, inner_lr=0.5)
+    cfg.optimizer, cfg.outer_lr = "sgd", 1.0
+    learner = _learner(cfg)
+    task = _tasks(labels, cfg, 1)[0]
+    xs, ys = x[torch.as_tensor(task.all_indices())], task.local_labels("support")
+    net = copy.deepcopy(learner.backbone)
+    w, b = torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    inner = torch.optim.SGD(list(net.parameters()) + [w, b], lr=cfg.inner_lr)
+    for _ in range(cfg.inner_steps):
+        inner.zero_grad()
+        F.cross_entropy(F.linear(net(xs), w, b), ys).backward()
+        inner.step()
+    g = reptile_gradient(learner.backbone, lambda i: x[torch.as_tensor(i)], [task], cfg)
+    for k, p in learner.backbone.named_parameters():
+        torch.testing.assert_close(-g[k], dict(net.named_parameters())[k] - p.detach())
+
+    def adapted_loss() -> float:
+        """The task's loss after the k inner steps from the current theta."""
+        fast = copy.deepcopy(learner.backbone)
+        w, b = torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
+        inner = torch.optim.SGD(list(fast.parameters()) + [w, b], lr=cfg.inner_lr)
+        for _ in range(cfg.inner_steps):
+            inner.zero_grad()
+            F.cross_entropy(F.linear(fast(xs), w, b), ys).backward()
+            inner.step()
+        return float(F.cross_entropy(F.linear(fast(xs), w, b), ys).detach())
+
+    before = adapted_loss()
+    for _ in range(10):
+        learner.step(lambda i: x[torch.as_tensor(i)], [task])
+    assert adapted_loss() < before
+
+
+def _unrolled_query_loss(net: Toy, task: Task, x: torch.Tensor, cfg: JointConfig):
+    """MAML by hand: returns (query loss, the list of adapted weights)."""
+    params = [net.fc.weight, net.fc.bias]
+    w, b = torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    xs, ys = x[torch.as_tensor(task.support)], task.local_labels("support")
+    fast = params + [w, b]
+    for _ in range(cfg.inner_steps):
+        logits = F.linear(torch.tanh(F.linear(xs, fast[0], fast[1])), fast[2], fast[3])
+        grads = torch.autograd.grad(F.cross_entropy(logits, ys), fast, create_graph=True)
+        fast = [p - cfg.inner_lr * g for p, g in zip(fast, grads, strict=True)]
+    xq = x[torch.as_tensor(task.query)]
+    logits = F.linear(torch.tanh(F.linear(xq, fast[0], fast[1])), fast[2], fast[3])
+    return F.cross_entropy(logits, task.local_labels("query")), fast
+
+
+def test_maml_first_and_second_order_gradients() -> None:
+    x, labels = _data()
+    cfg = JointConfig(meta="maml", beta=1.0, ways=3, shots=3, queries=3, inner_steps=2)
+    cfg.inner_lr = 0.5
+    learner = _learner(cfg)
+    task = _tasks(labels, cfg, 1)[0]
+    images = lambda i: x[torch.as_tensor(i)]  # noqa: E731
+
+    loss, fast = _unrolled_query_loss(learner.backbone, task, x, cfg)
+    second = torch.autograd.grad(loss, [learner.backbone.fc.weight, learner.backbone.fc.bias])
+    loss, fast = _unrolled_query_loss(learner.backbone, task, x, cfg)
+    first = torch.autograd.grad(loss, fast[:2])
+
+    cfg.second_order = True
+    g2 = maml_gradient(learner.backbone, images, [task], cfg)
+    cfg.second_order = False
+    g1 = maml_gradient(learner.backbone, images, [task], cfg)
+    torch.testing.assert_close(g2["fc.weight"], second[0])
+    torch.testing.assert_close(g2["fc.bias"], second[1])
+    torch.testing.assert_close(g1["fc.weight"], first[0])
+    torch.testing.assert_close(g1["fc.bias"], first[1])
+    assert not torch.allclose(g1["fc.weight"], g2["fc.weight"])
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.5])
+def test_beta_outside_unit_interval_is_a_config_error(beta: float) -> None:
+    with pytest.raises(ConfigError, match=r"joint.beta=.*within \[0, 1\]"):
+        JointLearner(Toy(), 6, JointConfig(beta=beta))
+
+
+def test_bad_options_and_data() -> None:
+    with pytest.raises(ConfigError, match="joint.meta"):
+        JointConfig(meta="protonet").validate()
+    with pytest.raises(ConfigError, match="queries"):
+        JointConfig(meta="maml", queries=0).validate()
+    learner = _learner(JointConfig(), n_classes=6)
+    with pytest.raises(DatasetError, match="transfer head has 6 outputs.*10 base classes"):
+        learner.check_labels(10)
+    _, labels = _data(n_classes=4, per_class=3)
+    with pytest.raises(DatasetError, match="4 classes; joint.ways=5"):
+        TaskSampler(labels, 5, 1, 1, 0)
+    with pytest.raises(DatasetError, match="class with 3 images"):
+        TaskSampler(labels, 2, 2, 2, 0)
