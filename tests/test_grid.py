@@ -1,0 +1,137 @@
+"""The N-way x K-shot evaluation grid (train/grid.py) on a tiny synthetic split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtl_edge.errors import ConfigError, DatasetError
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.backbones import create_backbone
+from mtl_edge.train.datasets import open_split
+from mtl_edge.train.grid import (
+    GridModel,
+    episodes_for,
+    evaluate_grid,
+    evaluate_grid_cli,
+    format_table,
+    plan_settings,
+)
+from mtl_edge.train.joint_train import load_recipe, open_split_spec, train_joint
+
+PRE = Preprocess(size=16)
+
+
+def _split(classes: int = 6, per_class: int = 12):
+    return open_split("synthetic", None, "test", size=16, per_class=per_class, test_classes=classes)
+
+
+def _models() -> list[GridModel]:
+    torch.manual_seed(0)
+    a = create_backbone("conv4", width=4)
+    b = create_backbone("conv4", width=4)
+    return [
+        GridModel("proto", a.eval(), PRE, {"kind": "centroid"}),
+        GridModel("ft", b.eval(), PRE, {"kind": "finetune", "steps": 2, "lr": 0.05}),
+    ]
+
+
+def test_grid_same_episodes_skips_what_the_split_cannot_supply() -> None:
+    split = _split()
+    report = evaluate_grid(
+        _models(), split, ways=(2, 5, 8), shots=(1, 3, 100), episodes=3, queries=2
+    )
+    done = {(r["ways"], r["shots"]) for r in report["results"]}
+    assert done == {(2, 1), (2, 3), (5, 1), (5, 3)}
+    assert {r["model"] for r in report["results"]} == {"proto", "ft"}
+    reasons = {(s["ways"], s["shots"]): s["reason"] for s in report["skipped"]}
+    assert "8-way 1-shot" in reasons[(8, 1)] and "6 classes" in reasons[(8, 1)]
+    assert "2-way 100-shot" in reasons[(2, 100)] and "102" in reasons[(2, 100)]
+    for r in report["results"]:
+        assert 0.0 <= r["mean"] <= 100.0 and r["ci95"] >= 0.0 and r["episodes"] == 2
+    again = evaluate_grid(
+        _models(), split, ways=(2, 5, 8), shots=(1, 3, 100), episodes=3, queries=2
+    )
+    assert again["results"] == report["results"]
+    table = format_table(report)
+    assert "5-way 3-shot" in table and "skipped 8-way 1-shot" in table
+    json.dumps(report)
+
+
+def test_episodes_are_seeded_per_setting() -> None:
+    split = _split()
+    (s,) = plan_settings(split, (3,), (2,), 2)
+    first = episodes_for(split, s, 2, 4, seed=0)
+    assert [e.to_json() for e in first] == [e.to_json() for e in episodes_for(split, s, 2, 4, 0)]
+    assert [e.to_json() for e in first] != [e.to_json() for e in episodes_for(split, s, 2, 4, 1)]
+    assert len({tuple(e.classes) for e in first}) > 1
+
+
+def test_centroid_head_separates_separable_features() -> None:
+    """A backbone whose features are the mean colour gets the synthetic classes mostly right."""
+
+    class MeanColour(torch.nn.Module):
+        feature_dim = 3
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean((2, 3))
+
+    split = _split(classes=5, per_class=20)
+    good = GridModel("colour", MeanColour(), PRE, {"kind": "centroid"})
+    report = evaluate_grid([good], split, ways=(5,), shots=(5,), episodes=4, queries=5)
+    assert report["results"][0]["mean"] > 20.0 + 10.0  # chance is 20%
+
+
+def test_no_supplied_setting_and_bad_options() -> None:
+    split = _split(classes=4)
+    with pytest.raises(DatasetError, match="supplies none of the settings.*35-way"):
+        evaluate_grid(_models(), split, ways=(35,), shots=(1,), episodes=1)
+    with pytest.raises(ConfigError, match="episodes"):
+        evaluate_grid(_models(), split, ways=(2,), shots=(1,), episodes=0)
+    with pytest.raises(ConfigError, match="adapt kind"):
+        GridModel("x", _models()[0].backbone, PRE, {"kind": "magic"})
+    with pytest.raises(DatasetError, match="NAME\\[a:b\\]"):
+        open_split_spec("synthetic", None, "test[x]")
+    with pytest.raises(DatasetError, match="selects no class"):
+        open_split_spec("synthetic", None, "test[30:]", test_classes=4)
+
+
+def test_split_spec_joins_and_slices() -> None:
+    joined = open_split_spec("synthetic", None, "val+test[:3]", per_class=5, size=16)
+    assert joined.num_classes == 16 + 3
+    assert len(joined) == 19 * 5
+    assert np.array_equal(np.unique(joined.labels), np.arange(19))
+
+
+def test_grid_cli_on_trained_checkpoints(tmp_path: Path, capsys) -> None:
+    sets = [
+        'data.kind="synthetic"',
+        "data.options={size=16, per_class=8, train_classes=6}",
+        "data.image_size=16",
+        "data.per_class=0",
+        'data.split="train"',
+        "model.width=4",
+        "joint.ways=3",
+        "joint.shots=2",
+        "joint.meta_batch=2",
+        "joint.inner_steps=1",
+        "train.iterations=2",
+    ]
+    ckpts = []
+    for name, beta in (("reptile", 1.0), ("transfer", 0.0)):
+        recipe = load_recipe("joint-cpu-repro", sets + [f"joint.beta={beta}"])
+        ckpts.append(train_joint(recipe, tmp_path / name))
+    out = tmp_path / "grid.json"
+    report = evaluate_grid_cli(
+        ckpts, None, "synthetic", "val+test", (5, 40), (1,), 2, 0, False, out
+    )
+    printed = capsys.readouterr().out
+    assert "reptile" in printed and "transfer" in printed and "skipped 40-way 1-shot" in printed
+    on_disk = json.loads(out.read_text())
+    assert on_disk["results"] == report["results"]
+    assert {m["adapt"]["kind"] for m in on_disk["models"]} == {"inner", "finetune"}
+    assert on_disk["classes"] == 36 and on_disk["split"] == "synthetic/val+test"
