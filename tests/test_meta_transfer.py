@@ -141,6 +141,8 @@ def test_settings_validation_and_round_trip() -> None:
         MetaSettings(fc_init="ones")
     with pytest.raises(ConfigError, match="unknown"):
         MetaSettings.from_dict({"inner_step": 3})
+    with pytest.raises(ConfigError, match="inner_step"):
+        _learner(inner_step=3)
 
 
 @pytest.mark.parametrize(("kind", "factor"), [("sum", WAYS * SHOTS), ("tf", WAYS)])

@@ -187,3 +187,12 @@ def test_meta_test_table_is_json_and_deterministic(tiny_split) -> None:
     ]
     with pytest.raises(DatasetError, match="ways"):
         meta_test(learner, tiny_split, CFG, ways=10, shots_list=(1,), episodes=1)
+
+
+def test_cuda_without_cuda_is_one_clear_error(tiny_split, tiny_model) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from mtl_edge.errors import UnavailableError
+
+    with pytest.raises(UnavailableError, match="CUDA"):
+        extract_features(tiny_model, tiny_split, cfg=CFG, device="cuda")

@@ -289,7 +289,7 @@ def _resnet12_wide(
     return ResNet12(in_channels=in_channels, widths=widths, slope=slope, bias=bias)
 
 
-BACKBONES: dict[str, Callable[..., nn.Module]] = {
+BACKBONES: dict[str, Callable[..., Backbone]] = {
     "resnet12": ResNet12,
     "resnet12-wide": _resnet12_wide,
     "resnet25": ResNet25,
@@ -302,7 +302,7 @@ def backbone_names() -> list[str]:
     return sorted(BACKBONES)
 
 
-def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+def create_backbone(name: str, **kwargs: Any) -> Backbone:
     """Build backbone `name` with keyword options (e.g. the `model_args` of a checkpoint).
 
     Keys in `SS_ARG_KEYS` are accepted and ignored (they describe the SS conversion).
@@ -327,7 +327,7 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ConfigError(f"backbone {name!r}: in_channels={in_channels!r} must be 1 or 3")
     model = factory(**kwargs)
-    setattr(model, "name", name)  # noqa: B010 - nn.Module's __setattr__ typing
+
     return model
 
 

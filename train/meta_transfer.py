@@ -220,6 +220,13 @@ class MetaTransferLearner(nn.Module):
         **overrides: Any,
     ) -> None:
         super().__init__()
+        known = {f.name for f in fields(MetaSettings)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"meta settings: unknown key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
         self.settings = replace(settings or MetaSettings(), **overrides)
         if not ss_modules(encoder):
             convert_to_ss(encoder, shortcut=ss_shortcut)

@@ -23,7 +23,7 @@ from torch import nn
 
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
-from mtl_edge.errors import ConfigError, DatasetError
+from mtl_edge.errors import ConfigError, DatasetError, UnavailableError
 from mtl_edge.preprocess import Preprocess, preprocess_image
 from mtl_edge.train.heads import (
     HeadFactory,
@@ -102,10 +102,15 @@ def extract_features(
     """Features of every image of `split`, float32 of shape (len(split), D), in eval mode.
 
     Images come from `load(indices) -> (n, C, H, W)` when given, else each is decoded with
-    `split.image(i)` and `preprocess_image(img, cfg)` exactly as the device does.
+    `split.image(i)` and `preprocess_image(img, cfg)` exactly as the device does. The model must
+    already be on `device`; batches are moved there.
+
+    Raises:
+        UnavailableError: a CUDA device asked for on a machine without CUDA.
     """
     if load is None and cfg is None:
         raise ValueError("extract_features needs a Preprocess cfg or a load function")
+    require_device(device)
 
     def default_load(idx: np.ndarray) -> torch.Tensor:
         assert cfg is not None
@@ -129,6 +134,15 @@ def extract_features(
     if not out:
         raise DatasetError(f"{split.name}: no images to extract features from")
     return np.concatenate(out)
+
+
+def require_device(device: torch.device | str) -> None:
+    """Raise UnavailableError when `device` is a CUDA device and CUDA is not available."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UnavailableError(
+            f"device {str(device)!r}: CUDA is not available here (torch "
+            f"{torch.__version__}); use --device cpu or a CUDA build of torch"
+        )
 
 
 def _check_episode(e: Episode, labels: np.ndarray) -> None:
