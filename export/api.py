@@ -284,15 +284,19 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _meta_head_recipe(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The head recipe meta-test used (the config's `meta` table: test_steps, inner_lr,
-    inner_weight_decay, normalize, inner_loss), as a mean-loss recipe for the device head.
+def _meta_head_recipe(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The head recipe meta-test used, as a mean-loss recipe for the device head: from the
+    checkpoint's `meta` (the learner's settings + ways, written by meta-training), else the
+    config's `meta` table (test_steps, inner_lr, inner_weight_decay, normalize, inner_loss).
 
     inner_loss "tf" (the TF code: summed CE / shots = ways x mean) becomes lr x ways and weight
     decay / ways with the meta-training ways; "sum" depends on the support size, so its lr is
     left at the default with a warning.
     """
-    meta = config.get("meta")
+    meta = ckpt.get("meta")
+    if not isinstance(meta, Mapping):
+        config = ckpt.get("config")
+        meta = config.get("meta") if isinstance(config, Mapping) else None
     if not isinstance(meta, Mapping):
         return {}
     recipe = {
@@ -319,7 +323,7 @@ def _head_section(
     path: Path, ckpt: dict[str, Any], overrides: Mapping[str, Any], files: dict[str, Any]
 ) -> dict[str, Any]:
     """The manifest's head recipe; stores the meta-learned FC init as .npy files when present."""
-    recipe = _meta_head_recipe(ckpt.get("config") or {})
+    recipe = _meta_head_recipe(ckpt)
     found = _find(ckpt.get("config") or {}, "head")
     if isinstance(found, Mapping):
         recipe.update({k: v for k, v in found.items() if k in HeadRecipe.__dataclass_fields__})

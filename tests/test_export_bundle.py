@@ -122,7 +122,7 @@ def test_tampered_bundle_is_refused(
 
 
 def test_pretrain_checkpoint_has_no_meta_init(tmp_path: Path) -> None:
-    ckpt = tiny_checkpoint(tmp_path / "pre.pt", meta=False)
+    ckpt = tiny_checkpoint(tmp_path / "pre.pt", meta_stage=False)
     bundle, report = export(ckpt, tmp_path / "b")
     assert bundle.head.init == "zeros" and bundle.meta_init() is None
     assert not (tmp_path / "b" / "head_init_weight.npy").exists()
@@ -310,6 +310,10 @@ def test_head_recipe_follows_meta_settings(tmp_path: Path) -> None:
     bundle, _ = export(tiny_checkpoint(tmp_path / "t.pt", config=tf), tmp_path / "t")
     assert bundle.head.lr == pytest.approx(0.005)  # ways x mean
     assert bundle.head.weight_decay == pytest.approx(0.002)
+    # The learner's own settings, as meta-training stores them, come before the config.
+    own = {"test_steps": 60, "inner_lr": 0.02, "inner_loss": "mean", "ways": 5}
+    bundle, _ = export(tiny_checkpoint(tmp_path / "o.pt", config=config, meta=own), tmp_path / "o")
+    assert (bundle.head.steps, bundle.head.lr) == (60, 0.02)
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def standin_factory(name: str, args: Any, state: Any) -> nn.Module:
 
 
 def tiny_checkpoint(
-    path: Path, size: int = 20, seed: int = 0, meta: bool = True, **overrides: Any
+    path: Path, size: int = 20, seed: int = 0, meta_stage: bool = True, **overrides: Any
 ) -> Path:
     """Save a stand-in checkpoint in the training stack's format and return its path."""
     model = tiny_ss_model(seed)
@@ -125,12 +125,12 @@ def tiny_checkpoint(
         "model": "standin",
         "model_args": {"channels": 3},
         "state_dict": model.state_dict(),
-        "stage": "meta" if meta else "pretrain",
+        "stage": "meta" if meta_stage else "pretrain",
         "preprocess": Preprocess(size=size).to_dict(),
         "config": {"seed": 7, "data": {"kind": "synthetic"}},
         "metrics": {"val_acc": torch.tensor(0.5), "split_fingerprint": "abc123"},
     }
-    if meta:
+    if meta_stage:
         gen = torch.Generator().manual_seed(seed)
         ckpt["fc_init"] = {"weight": torch.randn(5, 16, generator=gen), "bias": torch.zeros(5)}
     ckpt.update(overrides)
