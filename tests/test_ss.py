@@ -150,3 +150,18 @@ def test_revert_ss_gives_plain_trainable_convs_with_same_outputs() -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not ss_modules(reverted)
     assert all(type(c) is nn.Conv2d for c, _ in conv_bn_pairs(reverted))
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet12", 84), ("resnet25", 80)])
+def test_real_size_conversion_keeps_features(name: str, size: int) -> None:
+    """The paper-size networks at their input size, batch 1, eval mode."""
+    torch.manual_seed(0)
+    model = create_backbone(name)
+    _randomise_bn(model)
+    model.eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        before = model(x)
+        after = convert_to_ss(model)(x)
+    assert before.shape == (1, model.feature_dim)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
