@@ -1,0 +1,313 @@
+"""Phase 1: pre-train the backbone as a classifier over all base classes.
+
+SGD with Nesterov momentum and weight decay, a cosine or step schedule (optional linear
+warm-up), label smoothing, device-side augmentation (`gpu_data.DeviceAugment`), a linear
+classifier over the base classes on top of `forward_features`. After every `val_every` epochs
+the backbone is scored on N-way K-shot episodes of the validation classes with a
+nearest-centroid head on its features (fixed episodes, so scores compare across epochs); the
+best epoch is RUN/best.pt, the newest RUN/last.pt (with optimizer and schedule, for `resume`).
+bf16/fp16 autocast and channels-last apply on CUDA only. Under torchrun the batches are split
+across ranks (`mtl_edge.train.distributed`); rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl_edge.data.episodes import EpisodeSampler
+from mtl_edge.errors import ConfigError
+from mtl_edge.train import distributed as dist_util
+from mtl_edge.train.backbones import create_backbone
+from mtl_edge.train.checkpoint import backbone_state, read_checkpoint, save_checkpoint
+from mtl_edge.train.config import TrainConfig, config_to_dict, from_dict
+from mtl_edge.train.gpu_data import DeviceDataset, make_generator
+from mtl_edge.train.runs import Run, seed_everything
+from mtl_edge.train.torchdata import (
+    autocast,
+    describe,
+    load_split,
+    make_augment,
+    open_recipe_split,
+    progress_bar,
+    recipe_preprocess,
+    resolve_device,
+    show_progress,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "step")
+
+
+def as_config(config: TrainConfig | Mapping[str, Any], source: str = "recipe") -> TrainConfig:
+    """A `TrainConfig` from itself or from plain recipe tables (as the pipeline passes)."""
+    return from_dict(TrainConfig, config, source)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The schedule's multiplier of the base lr at optimizer step `step` (0-based)."""
+    p = cfg.pretrain
+    epoch = step / max(steps_per_epoch, 1)
+    if p.warmup_epochs and epoch < p.warmup_epochs:
+        return (step + 1) / (p.warmup_epochs * steps_per_epoch)
+    if p.schedule == "cosine":
+        total = max(p.epochs - p.warmup_epochs, 1e-9)
+        return 0.5 * (1 + math.cos(math.pi * min((epoch - p.warmup_epochs) / total, 1.0)))
+    return p.gamma ** int(epoch // p.step_size)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError for values no run can use."""
+    p = cfg.pretrain
+    if p.schedule not in SCHEDULES:
+        raise ConfigError(f"pretrain.schedule={p.schedule!r}: use cosine or step")
+    if p.epochs < 1 or p.batch_size < 1 or p.lr <= 0 or p.step_size < 1 or p.val_every < 1:
+        raise ConfigError(
+            "pretrain: epochs, batch_size, step_size and val_every must be >= 1 and lr > 0"
+        )
+    if not 0 <= p.label_smoothing < 1:
+        raise ConfigError(f"pretrain.label_smoothing={p.label_smoothing}: need 0 <= value < 1")
+
+
+@torch.no_grad()
+def features_of(
+    model: nn.Module, data: DeviceDataset, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
+    """Eval-mode features of every image of `data`, float32 of shape (N, D)."""
+    was = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        x = data.eval_batch(idx).to(device)
+        out.append(model.forward_features(x).float().cpu().numpy())  # type: ignore[operator]
+    model.train(was)
+    return np.concatenate(out)
+
+
+def centroid_accuracy(
+    features: np.ndarray, labels: np.ndarray, sampler: EpisodeSampler, episodes: int
+) -> tuple[float, float]:
+    """Mean and 95% interval (percent) of cosine nearest-centroid accuracy over the sampler's
+    first `episodes` episodes. features: (N, D); labels: (N,) split class ids."""
+    from mtl_edge.train.heads import NearestCentroidHead
+    from mtl_edge.train.metatest import evaluate_heads
+
+    res = evaluate_heads(
+        features, labels, sampler.episodes(episodes), {"centroid": NearestCentroidHead}
+    )
+    r = res["centroid"]
+    return float(r.mean), float(r.ci95)
+
+
+def pretrain(
+    config: TrainConfig | Mapping[str, Any],
+    out: str | Path,
+    resume: bool = False,
+    source: str = "recipe",
+) -> dict[str, Any]:
+    """Run phase 1 into the run folder `out`.
+
+    Returns:
+        {"checkpoint": best.pt, "last": last.pt, "images": training images processed,
+         "best_val": best validation accuracy (percent) or None}.
+
+    Raises:
+        ConfigError / DatasetError: bad recipe, data that cannot make the validation tasks.
+    """
+    cfg = as_config(config, source)
+    check_config(cfg)
+    p, rt = cfg.pretrain, cfg.runtime
+    ctx = dist_util.context()
+    device = ctx.device if ctx.enabled else resolve_device(rt)
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    seed_everything(rt.seed + ctx.rank)
+    out = Path(out)
+    run = Run.open(out, cfg, rt.seed, resume, "pretrain") if ctx.is_main else None
+    preprocess = recipe_preprocess(cfg.model)
+    train_split = open_recipe_split(cfg.data, cfg.data.train_split, preprocess.color_mode)
+    val_split = None
+    if p.val_episodes > 0:
+        val_split = open_recipe_split(cfg.data, cfg.data.val_split, preprocess.color_mode)
+        val_split.require(p.val_ways, p.val_shots + p.val_queries)
+    bars = show_progress(rt) and ctx.is_main
+    data_device = device if p.device_data else torch.device("cpu")
+    train_data = load_split(train_split, preprocess, data_device, bars)
+    val_data = load_split(val_split, preprocess, data_device, bars) if val_split else None
+    if run is not None:
+        run.record_split("train", train_split.name, train_split.fingerprint(), len(train_split))
+        if val_split is not None:
+            run.record_split("val", val_split.name, val_split.fingerprint(), len(val_split))
+    log.info("pre-training on %s", describe(train_split))
+
+    backbone = create_backbone(cfg.model.backbone, **cfg.model.args)
+    classifier = nn.Linear(int(getattr(backbone, "feature_dim")), train_split.num_classes)  # noqa: B009
+    net = nn.Sequential()
+    net.add_module("backbone", backbone)
+    net.add_module("classifier", classifier)
+    net.to(device)
+    channels_last = rt.channels_last and device.type == "cuda"
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        net.parameters(),
+        lr=p.lr,
+        momentum=p.momentum,
+        nesterov=p.nesterov and p.momentum > 0,
+        weight_decay=p.weight_decay,
+    )
+    per_rank = len(train_data) // ctx.world_size
+    steps_per_epoch = max(per_rank // p.batch_size, 1)
+    if p.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch)
+    if per_rank < p.batch_size:
+        raise ConfigError(
+            f"pretrain.batch_size={p.batch_size} exceeds the {per_rank} training images per "
+            "process; lower the batch size"
+        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.amp == "fp16" and device.type == "cuda")
+    gen = make_generator(rt.seed, data_device)
+    start_epoch, best, images = 0, -1.0, 0
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume and last_path.is_file():
+        state = read_checkpoint(last_path)
+        if state["model"] != cfg.model.backbone or state["stage"] != "pretrain":
+            raise ConfigError(f"{last_path}: not a pre-training checkpoint of this recipe")
+        backbone.load_state_dict(state["state_dict"])
+        classifier.load_state_dict(state["classifier"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"]["generator"])
+        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        images = int(state.get("images", 0))
+        log.info("resuming pre-training at epoch %d", start_epoch)
+    model: nn.Module = dist_util.wrap(net, ctx)
+    augment = make_augment(p.crop_scale, p.augment)
+    val_sampler = (
+        EpisodeSampler.for_split(val_split, p.val_ways, p.val_shots, p.val_queries, rt.seed)
+        if val_split is not None
+        else None
+    )
+    base = {
+        "model": cfg.model.backbone,
+        "model_args": dict(getattr(backbone, "model_args", cfg.model.args)),
+        "stage": "pretrain",
+        "preprocess": preprocess.to_dict(),
+        "config": config_to_dict(cfg),
+    }
+    with progress_bar(bars) as progress:
+        for epoch in range(start_epoch, p.epochs):
+            net.train()
+            t0 = time.perf_counter()
+            task = progress.add_task(
+                f"pretrain {epoch + 1}/{p.epochs}", total=steps_per_epoch, info=""
+            )
+            loss_sum, correct, seen = 0.0, 0, 0
+            order = dist_util.shard_order(len(train_data), gen, ctx)
+            for step in range(steps_per_epoch):
+                idx = order[step * p.batch_size : (step + 1) * p.batch_size]
+                x = (
+                    train_data.augment_batch(idx, gen, augment)
+                    if augment is not None
+                    else train_data.eval_batch(idx)
+                )
+                x = x.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = train_data.labels[idx.to(train_data.device)].to(device, non_blocking=True)
+                with autocast(rt, device):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                n = int(y.shape[0])
+                loss_sum += float(loss.detach()) * n
+                correct += int((logits.argmax(1) == y).sum())
+                seen += n
+                rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+                progress.update(
+                    task,
+                    advance=1,
+                    info=f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}% "
+                    f"{rate:.0f} img/s",
+                )
+            progress.remove_task(task)
+            images += seen * ctx.world_size
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {
+                "stage": "pretrain",
+                "epoch": epoch,
+                "loss": loss_sum / max(seen, 1),
+                "train_acc": 100.0 * correct / max(seen, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": seconds,
+                "images_per_s": seen * ctx.world_size / max(seconds, 1e-9),
+            }
+            if not ctx.is_main:
+                continue
+            validate = val_sampler is not None and (
+                (epoch + 1) % p.val_every == 0 or epoch + 1 == p.epochs
+            )
+            improved = False
+            if validate:
+                assert val_data is not None and val_split is not None and val_sampler is not None
+                feats = features_of(backbone, val_data, device)
+                acc, ci = centroid_accuracy(feats, val_split.labels, val_sampler, p.val_episodes)
+                row |= {"val_acc": acc, "val_ci95": ci}
+                improved = acc > best
+                best = max(best, acc)
+            elif val_sampler is None:
+                improved = True
+            assert run is not None
+            run.log_metrics(**row)
+            log.info(
+                "pretrain epoch %d: loss %.3f train %.1f%%%s",
+                epoch,
+                row["loss"],
+                row["train_acc"],
+                f" val {row['val_acc']:.2f}%" if "val_acc" in row else "",
+            )
+            metrics = {k: v for k, v in row.items() if isinstance(v, int | float)}
+            ckpt = base | {
+                "state_dict": backbone_state(backbone),
+                "metrics": metrics,
+                "epoch": epoch,
+            }
+            if improved:
+                save_checkpoint(best_path, ckpt)
+            save_checkpoint(
+                last_path,
+                ckpt
+                | {
+                    "classifier": backbone_state(classifier),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": {"generator": gen.get_state()},
+                    "best": best,
+                    "images": images,
+                },
+            )
+    dist_util.barrier(ctx)
+    return {
+        "checkpoint": str(best_path),
+        "last": str(last_path),
+        "images": images,
+        "best_val": best if best >= 0 else None,
+    }

@@ -1,0 +1,165 @@
+"""Data plumbing shared by pre-training and meta-training.
+
+- `resolve_device`, `autocast`: where the tensors live and mixed precision (CUDA only);
+- `recipe_preprocess`, `open_recipe_split`: a recipe's preprocessing and its splits through
+  `mtl_edge.train.datasets.open_split` (data root from the recipe, $MTL_EDGE_DATA or the repo's
+  ../shared/data);
+- `load_split`: a split decoded once into a `mtl_edge.train.gpu_data.DeviceDataset` (uint8 in
+  memory: miniImageNet's 38k images are decoded once, not per epoch; training augmentation
+  and the exact evaluation preprocessing are done there);
+- `episode_loader`: an Episode's indices -> image tensors, for `meta_transfer.TaskBuilder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from mtl_edge.data.split import ImageSplit
+from mtl_edge.errors import ConfigError, MtlEdgeError
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.config import DataConfig, ModelConfig, RuntimeConfig
+from mtl_edge.train.gpu_data import DeviceAugment, DeviceDataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_device(runtime: RuntimeConfig) -> torch.device:
+    """The training device: runtime.device, "auto" = CUDA when available."""
+    name = runtime.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"runtime.device={name!r}: use auto, cpu or cuda[:i]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={name!r}: no CUDA GPU here; use auto or cpu")
+    return dev
+
+
+def autocast(runtime: RuntimeConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA when runtime.amp asks for it, else nothing."""
+    if runtime.amp not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"runtime.amp={runtime.amp!r}: use none, bf16 or fp16")
+    if runtime.amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if runtime.amp == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def show_progress(runtime: RuntimeConfig) -> bool:
+    """Progress bars on: "on", "off", or "auto" = stderr is a terminal."""
+    if runtime.progress not in ("auto", "on", "off"):
+        raise ConfigError(f"runtime.progress={runtime.progress!r}: use auto, on or off")
+    return runtime.progress == "on" or (runtime.progress == "auto" and sys.stderr.isatty())
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """A rich progress bar with extra text fields (loss, accuracy, images/s)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def data_root(data: DataConfig) -> Path | None:
+    """The dataset folder: data.root, else $MTL_EDGE_DATA (default ../shared/data of the repo)
+    joined with data.default_subdir; None for synthetic data."""
+    if data.kind == "synthetic":
+        return None
+    if data.root:
+        return Path(data.root).expanduser()
+    base = os.environ.get("MTL_EDGE_DATA") or str(REPO_ROOT.parent / "shared" / "data")
+    return Path(base) / data.default_subdir if data.default_subdir else Path(base)
+
+
+def recipe_preprocess(model: ModelConfig) -> Preprocess:
+    """The model's preprocessing; its channels must match the backbone's in_channels."""
+    try:
+        pre = Preprocess.from_dict(dict(model.preprocess))
+    except MtlEdgeError as e:
+        raise ConfigError(f"model.preprocess: {e}") from None
+    in_channels = int(model.args.get("in_channels", 3))
+    if in_channels != pre.channels:
+        raise ConfigError(
+            f"model.args.in_channels={in_channels} but model.preprocess.color_mode="
+            f"{pre.color_mode!r} gives {pre.channels} channel(s); make them agree"
+        )
+    return pre
+
+
+def open_recipe_split(data: DataConfig, split: str, color_mode: str) -> ImageSplit:
+    """Split `split` ("train", "val", "test" or any reader split) of the recipe's dataset."""
+    from mtl_edge.train.datasets import open_split, reader_options
+
+    options = dict(data.options)
+    if "color_mode" in reader_options(data.kind):
+        options.setdefault("color_mode", color_mode)
+    return open_split(data.kind, data_root(data), split, **options)
+
+
+def load_split(
+    split: ImageSplit, preprocess: Preprocess, device: torch.device, progress: bool = False
+) -> DeviceDataset:
+    """The split decoded once (at preprocess.resize or size) into uint8 on `device`."""
+    return DeviceDataset.from_split(split, preprocess, device, progress=progress)
+
+
+def make_augment(crop_scale: tuple[float, float], enabled: bool) -> DeviceAugment | None:
+    """The training augmentation (None = none: batches are preprocessed like evaluation)."""
+    return DeviceAugment(scale=crop_scale) if enabled else None
+
+
+def episode_loader(
+    data: DeviceDataset,
+    device: torch.device,
+    gen: torch.Generator | None = None,
+    augment: DeviceAugment | None = None,
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """`load(indices) -> images of shape (n, C, S, S)` on `device`, augmented when `augment`
+    and `gen` are given, else exactly the evaluation preprocessing."""
+
+    def load(idx: np.ndarray) -> torch.Tensor:
+        if augment is not None and gen is not None:
+            return data.augment_batch(idx, gen, augment).to(device)
+        return data.eval_batch(idx).to(device)
+
+    return load
+
+
+def batches_on(
+    it: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, channels_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Move (images, labels) batches to `device` (non-blocking), channels-last if asked."""
+    for x, y in it:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y.to(device, non_blocking=True)
+
+
+def describe(obj: Any) -> str:
+    """Short text of a split for logs."""
+    return f"{getattr(obj, 'name', '?')} ({len(obj)} images, {obj.num_classes} classes)"
