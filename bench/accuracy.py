@@ -1,0 +1,245 @@
+"""`mtl-edge bench accuracy`: few-shot accuracy of every (backend, precision) on ONE seeded
+episode list, with paired differences against the FP32 reference.
+
+Every setting (ways, shots) draws its episodes from `EpisodeSampler(seed)` over the split, so
+all backends and precisions see exactly the same tasks. Each (backend, precision) extracts the
+features of the union of images any episode needs once (cached as .npy under `cache`, keyed by
+the model, variant, backend and split), and every setting reuses them. The difference of a
+precision against FP32 is the mean of per-episode accuracy differences, whose interval is much
+narrower than either accuracy's because the episode difficulty cancels.
+
+Heads: "fc" fits the bundle's head recipe (the device's base-learner, `mtl_edge.head.fit_head`)
+on the support features; "centroid" classifies by the nearest class mean of L2-normalised
+features (no training, isolates the features).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtl_edge.atomicio import atomic_write_bytes
+from mtl_edge.bench.stats import mean_ci, paired_difference
+from mtl_edge.bundle import Bundle
+from mtl_edge.data.episodes import Episode, EpisodeSampler
+from mtl_edge.data.split import ImageSplit
+from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
+from mtl_edge.head import fit_head, head_logits, l2_normalize
+
+log = logging.getLogger(__name__)
+
+HEADS = ("fc", "centroid")
+DATASETS = ("folders",)
+ACCURACY_BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "auto")
+
+
+@dataclass
+class AccuracyConfig:
+    """What one `bench accuracy` run measures (see the module docstring)."""
+
+    bundle: Path
+    data: Path
+    split: str | None = "test"
+    dataset: str = "folders"
+    ways: Sequence[int] = (5,)
+    shots: Sequence[int] = (1, 5)
+    queries: int = 15
+    episodes: int = 2000
+    seed: int = 0
+    backends: Sequence[str] = ("onnxruntime",)
+    precisions: Sequence[str] = ("fp32", "int8-cpu")
+    head: str = "fc"
+    cache: Path | None = None
+    threads: int | None = None
+    batch_size: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_split(cfg: AccuracyConfig) -> ImageSplit:
+    from mtl_edge.data.folders import read_class_folders
+
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"--dataset {cfg.dataset!r}: use one of {', '.join(DATASETS)}")
+    return read_class_folders(cfg.data, cfg.split)
+
+
+def draw_episodes(cfg: AccuracyConfig, split: ImageSplit) -> dict[tuple[int, int], list[Episode]]:
+    """The fixed episode list of every (ways, shots) setting.
+
+    Raises:
+        DatasetError: the split has too few classes or images for a setting.
+    """
+    out = {}
+    for ways in cfg.ways:
+        if ways > split.num_classes:
+            raise DatasetError(
+                f"{cfg.data}: split {cfg.split!r} has {split.num_classes} classes, fewer than "
+                f"--ways {ways}; lower --ways or use a split with more classes"
+            )
+        for shots in cfg.shots:
+            sampler = EpisodeSampler.for_split(split, ways, shots, cfg.queries, cfg.seed)
+            out[(ways, shots)] = sampler.episodes(cfg.episodes)
+    return out
+
+
+def needed_indices(episodes: dict[tuple[int, int], list[Episode]]) -> np.ndarray:
+    """Sorted union of the sample indices any episode uses, shape (M,)."""
+    parts = [np.concatenate([e.support, e.query]) for eps in episodes.values() for e in eps]
+    return np.unique(np.concatenate(parts))
+
+
+def _cache_path(cache: Path, bundle: Bundle, backend: str, variant: str, key: str) -> Path:
+    h = hashlib.sha256(f"{bundle.model_id}|{variant}|{backend}|{key}".encode()).hexdigest()
+    return cache / f"features-{h[:24]}.npy"
+
+
+def extract_features(
+    split: ImageSplit,
+    indices: np.ndarray,
+    bundle: Bundle,
+    backend: str,
+    precision: str,
+    cfg: AccuracyConfig,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features of split samples `indices` (shape (M,)) -> (M, D) float32, and the extractor's
+    provider/variant. Read from / written to the cache when `cfg.cache` is set."""
+    from mtl_edge.backends.select import create_backend
+    from mtl_edge.preprocess import preprocess_image
+
+    extractor = create_backend(
+        backend, bundle, precision, threads=cfg.threads, batch_size=cfg.batch_size
+    )
+    meta = {"provider": extractor.provider, "variant": extractor.precision}
+    key = hashlib.sha256(split.fingerprint().encode() + indices.tobytes()).hexdigest()
+    path = None
+    if cfg.cache is not None:
+        path = _cache_path(cfg.cache, bundle, backend, extractor.precision, key)
+        if path.is_file():
+            log.info("features of %s %s from %s", backend, precision, path)
+            return np.load(path, allow_pickle=False), {**meta, "cached": True}
+    pre = bundle.preprocess
+    chunks = []
+    for start in range(0, len(indices), cfg.batch_size):
+        batch = indices[start : start + cfg.batch_size]
+        x = np.stack([preprocess_image(split.image(int(i)), pre) for i in batch])
+        chunks.append(extractor.extract(x).astype(np.float32))
+    feats = np.concatenate(chunks)
+    if path is not None:
+        buf = io.BytesIO()
+        np.save(buf, feats, allow_pickle=False)
+        atomic_write_bytes(path, buf.getvalue())
+    return feats, {**meta, "cached": False}
+
+
+def episode_accuracy(feats: np.ndarray, episode: Episode, head: str, bundle: Bundle) -> float:
+    """Query accuracy (0..1) of one episode from features of its support and query samples.
+
+    Args:
+        feats: callable-free lookup: rows indexed like the split, shape (N_split, D) (only the
+            rows the episode uses need to be filled).
+    """
+    xs, xq = feats[episode.support], feats[episode.query]
+    ys, yq = episode.support_labels(), episode.query_labels()
+    if head == "centroid":
+        xs, xq = l2_normalize(xs.astype(np.float64)), l2_normalize(xq.astype(np.float64))
+        centroids = np.stack([xs[ys == c].mean(axis=0) for c in range(episode.ways)])
+        dist = ((xq[:, None, :] - centroids[None]) ** 2).sum(-1)
+        pred = dist.argmin(axis=1)
+    else:
+        r = bundle.head
+        meta = bundle.meta_init()
+        init = r.init
+        if init == "meta" and (meta is None or meta[0].shape[0] != episode.ways):
+            init = "zeros"
+        w = fit_head(xs, ys, episode.ways, r.steps, r.lr, init, meta, r.normalize, r.weight_decay)
+        pred = head_logits(xq, w).argmax(axis=1)
+    return float((pred == yq).mean())
+
+
+def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
+    """Accuracy rows of every (backend, precision, ways, shots); the `results` of a report.
+
+    Returns:
+        {"rows": [{backend, precision, provider, ways, shots, accuracy, ci95,
+        diff_vs_reference, diff_ci95}], "reference": [backend, precision], "skipped": [...],
+        split, seed, episodes, queries, head}. Accuracies are in percent.
+
+    Raises:
+        ConfigError / DatasetError: bad names, a split too small for the settings.
+    """
+    if cfg.head not in HEADS:
+        raise ConfigError(f"--head {cfg.head!r}: use one of {', '.join(HEADS)}")
+    if cfg.episodes < 1:
+        raise ConfigError(f"--episodes {cfg.episodes}: must be at least 1")
+    from mtl_edge.backends.select import PRECISIONS
+
+    for b in cfg.backends:
+        if b not in ACCURACY_BACKENDS:
+            raise ConfigError(f"--backends {b!r}: use some of {', '.join(ACCURACY_BACKENDS)}")
+    for p in cfg.precisions:
+        if p not in PRECISIONS:
+            raise ConfigError(f"--precisions {p!r}: use some of {', '.join(PRECISIONS)}")
+    bundle = Bundle.load(cfg.bundle)
+    split = read_split(cfg)
+    episodes = draw_episodes(cfg, split)
+    indices = needed_indices(episodes)
+    log.info(
+        "%d images needed by %d settings x %d episodes", len(indices), len(episodes), cfg.episodes
+    )
+    per_episode: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
+    info: dict[tuple[str, str], dict[str, Any]] = {}
+    skipped: list[dict[str, str]] = []
+    for backend in cfg.backends:
+        for precision in cfg.precisions:
+            try:
+                feats, meta = extract_features(split, indices, bundle, backend, precision, cfg)
+            except MtlEdgeError as e:
+                log.warning("skipped %s %s: %s", backend, precision, e)
+                skipped.append({"backend": backend, "precision": precision, "reason": str(e)})
+                continue
+            table = np.zeros((len(split), feats.shape[1]), dtype=np.float32)
+            table[indices] = feats
+            info[(backend, precision)] = meta
+            per_episode[(backend, precision)] = {
+                setting: np.array([episode_accuracy(table, e, cfg.head, bundle) for e in eps])
+                for setting, eps in episodes.items()
+            }
+    if not per_episode:
+        raise ConfigError(
+            "bench accuracy: no backend could run: "
+            + "; ".join(f"{s['backend']} {s['precision']}: {s['reason']}" for s in skipped)
+        )
+    reference = next((k for k in per_episode if k[1] == "fp32"), next(iter(per_episode)))
+    rows = []
+    for key, by_setting in per_episode.items():
+        for (ways, shots), acc in by_setting.items():
+            mean, ci = mean_ci(acc * 100)
+            row: dict[str, Any] = {
+                "backend": key[0], "precision": key[1], **info[key],
+                "ways": ways, "shots": shots, "accuracy": mean, "ci95": ci,
+            }  # fmt: skip
+            if key != reference:
+                diff, dci = paired_difference(
+                    per_episode[reference][(ways, shots)] * 100, acc * 100
+                )
+                row["diff_vs_reference"], row["diff_ci95"] = diff, dci
+            rows.append(row)
+    return {
+        "rows": rows,
+        "reference": list(reference),
+        "skipped": skipped,
+        "split": f"{cfg.data.name}/{cfg.split}" if cfg.split else cfg.data.name,
+        "split_fingerprint": split.fingerprint(),
+        "images": int(len(indices)),
+        "seed": cfg.seed,
+        "episodes": cfg.episodes,
+        "queries": cfg.queries,
+        "head": cfg.head,
+    }

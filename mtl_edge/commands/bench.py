@@ -1,0 +1,203 @@
+"""`mtl-edge bench latency|accuracy|enroll|compare`: benchmarks with JSON + Markdown reports.
+
+Heavy imports (torch, onnxruntime, matplotlib) happen inside the commands, so `mtl-edge bench
+--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _default_out(kind: str) -> Path:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / "bench" / f"{stamp}-{kind}"
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = dataclasses.asdict(v)  # type: ignore[arg-type]
+        elif isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def _finish(doc: dict[str, Any], out: Path, as_json: bool) -> None:
+    """Write the report's JSON, Markdown and plots into `out` and print it."""
+    from mtl_edge.bench import report
+
+    paths = report.write_outputs(doc, out, doc["kind"])
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        typer.echo(report.to_markdown(doc))
+        typer.echo("written: " + ", ".join(str(p) for p in paths))
+
+
+def _timing(min_time: float, min_runs: int, warmup: float, warmup_runs: int) -> Any:
+    from mtl_edge.bench.timing import TimingBudget
+
+    return TimingBudget(
+        warmup_s=warmup, warmup_runs=warmup_runs, min_time_s=min_time, min_runs=min_runs
+    )
+
+
+def register(app: typer.Typer, name: str) -> None:
+    group = typer.Typer(
+        name=name, help="Latency, accuracy and enrollment benchmarks.", no_args_is_help=True
+    )
+    app.add_typer(group, name=name)
+
+    @group.command("latency", help="Latency and throughput per backend, precision and batch.")
+    def latency(
+        bundle: Path | None = typer.Option(None, "--bundle", help="Model bundle folder."),
+        checkpoint: Path | None = typer.Option(
+            None, "--checkpoint", help="Checkpoint for the PyTorch eager FP32 reference."
+        ),
+        backbone: str | None = typer.Option(
+            None, "--backbone", help="Registry backbone for --random (e.g. resnet12-wide)."
+        ),
+        random: bool = typer.Option(
+            False, "--random", help="Random weights: build, export and time --backbone."
+        ),
+        backends: str = typer.Option("torch,onnxruntime", "--backends"),
+        precisions: str = typer.Option("fp32,int8-cpu", "--precisions"),
+        batch_sizes: str = typer.Option("1,5,25,75,128", "--batch-sizes"),
+        threads: int | None = typer.Option(None, "--threads", help="Intra-op threads."),
+        min_time: float = typer.Option(3.0, "--min-time", help="Seconds of timing per setting."),
+        min_runs: int = typer.Option(100, "--min-runs", help="Timed runs per setting."),
+        warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per setting."),
+        warmup_runs: int = typer.Option(10, "--warmup-runs"),
+        rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds per batch size."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the --random weights."),
+        calib: Path | None = typer.Option(
+            None, "--calib", help="Calibration images for the --random int8 export."
+        ),
+        no_peak: bool = typer.Option(False, "--no-peak", help="Skip the peak matmul."),
+        out: Path | None = typer.Option(None, "--out", help="Report folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    ) -> None:
+        from mtl_edge.bench import latency as lat
+        from mtl_edge.bench import report
+
+        cfg = lat.LatencyConfig(
+            bundle=bundle,
+            checkpoint=checkpoint,
+            backbone=backbone,
+            random=random,
+            seed=seed,
+            backends=lat.parse_list(backends, "--backends"),
+            precisions=lat.parse_list(precisions, "--precisions"),
+            batch_sizes=lat.parse_ints(batch_sizes, "--batch-sizes"),
+            threads=threads,
+            budget=_timing(min_time, min_runs, warmup, warmup_runs),
+            rounds=rounds,
+            calib=calib,
+            measure_peak=not no_peak,
+        )
+        lat.settings_matrix(cfg.backends, cfg.precisions)  # bad names fail before any work
+        out = out or _default_out("latency")
+        workdir = out / "random-model" if random else None
+        results = lat.run_latency(cfg, workdir)
+        _finish(report.make_report("latency", _config_dict(cfg), results), out, as_json)
+
+    @group.command("accuracy", help="Few-shot accuracy per backend/precision, paired vs FP32.")
+    def accuracy(
+        bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+        data: Path = typer.Option(..., "--data", help="Dataset root."),
+        dataset: str = typer.Option("folders", "--dataset", help="Layout: folders."),
+        split: str = typer.Option("test", "--split", help="Split sub-folder ('' for none)."),
+        ways: str = typer.Option("5", "--ways"),
+        shots: str = typer.Option("1,5", "--shots"),
+        queries: int = typer.Option(15, "--queries"),
+        episodes: int = typer.Option(2000, "--episodes"),
+        backends: str = typer.Option("onnxruntime", "--backends"),
+        precisions: str = typer.Option("fp32,int8-cpu", "--precisions"),
+        head: str = typer.Option("centroid", "--head", help="centroid or fc (bundle recipe)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the episode list."),
+        threads: int | None = typer.Option(None, "--threads"),
+        cache: Path | None = typer.Option(None, "--cache", help="Folder for feature .npy."),
+        out: Path | None = typer.Option(None, "--out", help="Report folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    ) -> None:
+        from mtl_edge.bench import accuracy as acc
+        from mtl_edge.bench import report
+        from mtl_edge.bench.latency import parse_ints, parse_list
+
+        cfg = acc.AccuracyConfig(
+            bundle=bundle,
+            data=data,
+            dataset=dataset,
+            split=split or None,
+            ways=parse_ints(ways, "--ways"),
+            shots=parse_ints(shots, "--shots"),
+            queries=queries,
+            episodes=episodes,
+            backends=parse_list(backends, "--backends"),
+            precisions=parse_list(precisions, "--precisions"),
+            head=head,
+            seed=seed,
+            threads=threads,
+            cache=cache,
+        )
+        results = acc.run_accuracy(cfg)
+        out = out or _default_out("accuracy")
+        _finish(report.make_report("accuracy", _config_dict(cfg), results), out, as_json)
+
+    @group.command("enroll", help="Enrollment stage times and one-image predict latency.")
+    def enroll(
+        bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+        images: Path = typer.Option(..., "--images", help="Folder of class folders."),
+        classes: int = typer.Option(5, "--classes"),
+        shots: int = typer.Option(5, "--shots"),
+        backend: str = typer.Option("auto", "--backend"),
+        precision: str = typer.Option("fp32", "--precision"),
+        threads: int | None = typer.Option(None, "--threads"),
+        min_time: float = typer.Option(1.0, "--min-time", help="Seconds timing predict."),
+        min_runs: int = typer.Option(20, "--min-runs"),
+        out: Path | None = typer.Option(None, "--out", help="Report folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+    ) -> None:
+        from mtl_edge.bench import enroll_bench, report
+
+        cfg = enroll_bench.EnrollConfig(
+            bundle=bundle,
+            images=images,
+            classes=classes,
+            shots=shots,
+            backend=backend,
+            precision=precision,
+            threads=threads,
+            budget=_timing(min_time, min_runs, 0.1, 3),
+        )
+        results = enroll_bench.run_enroll(cfg)
+        out = out or _default_out("enroll")
+        _finish(report.make_report("enroll", _config_dict(cfg), results), out, as_json)
+
+    @group.command("compare", help="Two reports of one kind side by side (ratio B / A).")
+    def compare(
+        a: Path = typer.Argument(..., help="Report A (JSON)."),
+        b: Path = typer.Argument(..., help="Report B (JSON)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        from mtl_edge.bench import compare as cmp
+        from mtl_edge.bench.report import load_report
+
+        result = cmp.compare(load_report(a), load_report(b))
+        typer.echo(
+            json.dumps(result, indent=2)
+            if as_json
+            else cmp.compare_markdown(result, a.name, b.name)
+        )
