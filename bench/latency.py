@@ -61,6 +61,7 @@ class LatencyConfig:
         bundle: model bundle folder (None with `random`: exported into the run folder).
         checkpoint: checkpoint for the torch reference (None with `random`: the one written).
         backbone, random, seed: build a random-weight registry backbone instead.
+        backbone_args, image_size: its keyword options and input size (84 for miniImageNet).
         backends, precisions: the matrix; torch runs fp32 only (torch-cuda fp32 and fp16).
         batch_sizes: images per call.
         threads: intra-op threads of every backend (None: each library's default).
@@ -82,6 +83,8 @@ class LatencyConfig:
     rounds: int = 3
     calib: Path | None = None
     measure_peak: bool = True
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 84
 
 
 def parse_list(text: str, option: str) -> list[str]:
@@ -329,7 +332,13 @@ class _Worker:
 # Parent side
 
 
-def write_random_checkpoint(name: str, preprocess: dict[str, Any], seed: int, out: Path) -> Path:
+def write_random_checkpoint(
+    name: str,
+    preprocess: dict[str, Any],
+    seed: int,
+    out: Path,
+    model_args: dict[str, Any] | None = None,
+) -> Path:
     """A checkpoint of registry backbone `name` with random weights (seed) for latency runs."""
     import torch
 
@@ -337,12 +346,12 @@ def write_random_checkpoint(name: str, preprocess: dict[str, Any], seed: int, ou
     from mtl_edge.train.backbones import create_backbone
 
     torch.manual_seed(seed)
-    model = create_backbone(name)
+    model = create_backbone(name, **(model_args or {}))
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "model": name,
-        "model_args": {},
+        "model_args": dict(getattr(model, "model_args", model_args or {})),
         "state_dict": model.state_dict(),
         "preprocess": preprocess,
         "config": {},
@@ -363,11 +372,15 @@ def prepare_random(cfg: LatencyConfig, workdir: Path) -> tuple[Path, Path]:
     from mtl_edge.preprocess import Preprocess
 
     assert cfg.backbone is not None
-    pre = Preprocess(size=84)
-    ckpt = write_random_checkpoint(cfg.backbone, pre.to_dict(), cfg.seed, workdir / "random.pt")
+    pre = Preprocess(size=cfg.image_size)
+    ckpt = write_random_checkpoint(
+        cfg.backbone, pre.to_dict(), cfg.seed, workdir / "random.pt", cfg.backbone_args
+    )
     calib = cfg.calib
     if calib is None and any(p.startswith("int8") for p in cfg.precisions):
-        split = synthetic_split("train", seed=cfg.seed, size=84, train_classes=8, per_class=8)
+        split = synthetic_split(
+            "train", seed=cfg.seed, size=cfg.image_size, train_classes=8, per_class=8
+        )
         calib = write_class_folders(split, workdir / "calib", force=True)
     int8 = any(p.startswith("int8") for p in cfg.precisions)
     log.info("exporting random-weight %s (seed %d) to a bundle", cfg.backbone, cfg.seed)
