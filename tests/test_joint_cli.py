@@ -89,8 +89,8 @@ def test_cli_trains_a_self_describing_run(tiny_recipe: Path, tmp_path: Path) -> 
     ("override", "message"),
     [
         ("joint.beta=1.5", "joint.beta=1.5: must be within [0, 1]"),
-        ("joint.nope=1", "unknown recipe key 'joint.nope'"),
-        ("joint.ways=many", "joint.ways='many': expected int"),
+        ("joint.nope=1", "unknown key joint.nope"),
+        ("joint.ways=many", "joint.ways = 'many' has the wrong type; expected int"),
         ("model.num_base_classes=9", "transfer head has 9 outputs"),
     ],
 )

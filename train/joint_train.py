@@ -11,17 +11,17 @@ Training images are decoded, resized and cached once as uint8 (in memory, and as
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 import torch
 
 from mtl_edge.atomicio import atomic_write, atomic_write_bytes
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "mtl-edge.checkpoint"
 CHECKPOINT_VERSION = 1
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
 @dataclass
@@ -95,98 +94,36 @@ class JointRecipe:
 # Recipes
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file, or the name of one in recipes/ ("joint-reptile" or "joint-reptile.toml").
+def _local_recipe(name_or_path: str | Path) -> str | Path:
+    """A recipe name resolved against the source tree's recipes/ folder when it is there (an
+    editable install made before recipes/ was packaged); otherwise unchanged.
 
     Raises:
-        ConfigError: no such file.
+        ConfigError: the recipe is in neither place.
     """
     path = Path(name_or_path)
     if path.is_file():
         return path
-    stem = path.name if path.suffix == ".toml" else path.name + ".toml"
-    candidate = RECIPES_DIR / stem
-    if candidate.is_file():
-        return candidate
-    known = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("joint-*.toml")))
-    raise ConfigError(f"recipe {str(name_or_path)!r}: no such file; known recipes: {known}")
-
-
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif isinstance(current, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif isinstance(current, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif isinstance(current, str):
-        if isinstance(value, str):
-            return value
-    elif isinstance(current, dict) and isinstance(value, dict):
-        return value
-    raise ConfigError(f"{key}={value!r}: expected {type(current).__name__}")
-
-
-def _apply_table(obj: Any, table: dict[str, Any], prefix: str) -> None:
-    names = {f.name for f in fields(obj)}
-    for key, value in table.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown recipe key {dotted!r}; known: {', '.join(sorted(names))}")
-        current = getattr(obj, key)
-        if is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{dotted} must be a table")
-            _apply_table(current, value, dotted + ".")
-        else:
-            setattr(obj, key, _coerce(value, current, dotted))
-
-
-def _parse_set(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: write key=value, e.g. joint.beta=0.5")
-    key, raw = item.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.strip().split("."), value
+    folder = Path(__file__).resolve().parent.parent / "recipes"
+    name = path.name if path.suffix == ".toml" else path.name + ".toml"
+    if path.parent == Path(".") and (folder / name).is_file():
+        return folder / name
+    if path.parent == Path(".") and importlib.util.find_spec("mtl_edge.recipes") is not None:
+        return name_or_path
+    known = ", ".join(p.stem for p in sorted(folder.glob("joint-*.toml")))
+    raise ConfigError(f"recipe {str(name_or_path)!r}: no such file; joint recipes: {known}")
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> JointRecipe:
-    """Read a joint recipe and apply `--set key=value` overrides, then validate.
+    """Read a joint recipe (a path, or a packaged name such as "joint-reptile") and apply
+    `--set key=value` overrides, then validate.
 
     Raises:
         ConfigError: missing file, bad TOML, unknown key, wrong type, bad value.
     """
-    path = recipe_path(name_or_path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    recipe = JointRecipe()
-    _apply_table(recipe, doc, "")
-    for item in overrides or []:
-        keys, value = _parse_set(item)
-        table: dict[str, Any] = {keys[-1]: value}
-        for k in reversed(keys[:-1]):
-            table = {k: table}
-        _apply_table(recipe, table, "")
+    from mtl_edge.train.config import load_config
+
+    recipe = load_config(JointRecipe, _local_recipe(name_or_path), overrides or [])
     recipe.joint.validate()
     if recipe.data.image_size < 16:
         raise ConfigError(f"data.image_size={recipe.data.image_size}: must be >= 16")
@@ -201,7 +138,8 @@ def data_root(root: str) -> Path:
     """`root`, or $MTL_EDGE_DATA/miniimagenet, or ../shared/data/miniimagenet of the repo."""
     if root:
         return Path(root)
-    base = os.environ.get("MTL_EDGE_DATA") or str(RECIPES_DIR.parent.parent / "shared" / "data")
+    repo = Path(__file__).resolve().parent.parent
+    base = os.environ.get("MTL_EDGE_DATA") or str(repo.parent / "shared" / "data")
     return Path(base) / "miniimagenet"
 
 
