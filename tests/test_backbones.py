@@ -40,7 +40,7 @@ def test_forward_features_shape(name: str, size: int) -> None:
     assert out.shape == (2, model.feature_dim)
     x = torch.randn(1, 1, size, size)
     assert torch.equal(model(x), model.forward_features(x))
-    assert model.in_channels == 1
+    assert model.in_channels == 1 and model.name == name
 
 
 @pytest.mark.parametrize(

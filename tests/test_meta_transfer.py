@@ -143,6 +143,8 @@ def test_settings_validation_and_round_trip() -> None:
         MetaSettings.from_dict({"inner_step": 3})
     with pytest.raises(ConfigError, match="inner_step"):
         _learner(inner_step=3)
+    with pytest.raises(ConfigError, match="ways"):
+        MetaTransferLearner(create_backbone("conv4", width=4), ways=1)
 
 
 @pytest.mark.parametrize(("kind", "factor"), [("sum", WAYS * SHOTS), ("tf", WAYS)])

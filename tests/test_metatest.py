@@ -143,6 +143,12 @@ def test_episodes_of_another_split_are_refused(tiny_split, tiny_model) -> None:
         evaluate_heads(feats, tiny_split.labels, [bad], {"c": NearestCentroidHead})
 
 
+def test_features_of_another_split_are_refused(tiny_split) -> None:
+    eps = EpisodeSampler.for_split(tiny_split, 3, 1, 2, 0).episodes(1)
+    with pytest.raises(DatasetError, match="extract"):
+        evaluate_heads(np.zeros((5, 8)), tiny_split.labels, eps, {"c": NearestCentroidHead})
+
+
 def test_finetune_everything_leaves_model_unchanged(tiny_split) -> None:
     torch.manual_seed(0)
     learner = MetaTransferLearner(create_backbone("conv4", width=8), ways=3, test_steps=3)
@@ -187,6 +193,8 @@ def test_meta_test_table_is_json_and_deterministic(tiny_split) -> None:
     ]
     with pytest.raises(DatasetError, match="ways"):
         meta_test(learner, tiny_split, CFG, ways=10, shots_list=(1,), episodes=1)
+    with pytest.raises(ConfigError, match="shots"):
+        meta_test(learner, tiny_split, CFG, ways=3, shots_list=(), episodes=1)
 
 
 def test_cuda_without_cuda_is_one_clear_error(tiny_split, tiny_model) -> None:

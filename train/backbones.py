@@ -327,7 +327,7 @@ def create_backbone(name: str, **kwargs: Any) -> Backbone:
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ConfigError(f"backbone {name!r}: in_channels={in_channels!r} must be 1 or 3")
     model = factory(**kwargs)
-
+    model.name = name
     return model
 
 

@@ -220,6 +220,8 @@ class MetaTransferLearner(nn.Module):
         **overrides: Any,
     ) -> None:
         super().__init__()
+        if ways < 2:
+            raise ConfigError(f"meta-transfer ways={ways}: need at least 2 classes per task")
         known = {f.name for f in fields(MetaSettings)}
         unknown = sorted(set(overrides) - known)
         if unknown:

@@ -180,6 +180,11 @@ def evaluate_heads(
     """
     if not episodes:
         raise ConfigError("evaluate_heads: no episodes; use episodes >= 1")
+    if features.ndim != 2 or len(features) != len(labels):
+        raise DatasetError(
+            f"features of shape {features.shape} do not match {len(labels)} labels; extract "
+            "them again for this split"
+        )
     feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     labels = np.asarray(labels, dtype=np.int64)
     accs: dict[str, list[float]] = {name: [] for name in heads}
@@ -285,8 +290,10 @@ def meta_test(
     """
     heads = canonical_heads(heads)
     factories = head_factories(model, heads)
-    if episodes < 1:
-        raise ConfigError(f"episodes={episodes}: use episodes >= 1")
+    if episodes < 1 or not shots_list or min(shots_list) < 1:
+        raise ConfigError(
+            f"episodes={episodes}, shots={list(shots_list)}: use episodes >= 1 and shots >= 1"
+        )
     split.require(ways, max(shots_list) + queries)
     if features is None and factories:
         features = extract_features(model, split, batch_size, device, cfg=cfg)
