@@ -1,0 +1,332 @@
+"""Phase 2 driver: SS meta-transfer with the hard-task (HT) meta-batch.
+
+Loads a pre-training checkpoint, converts the backbone to scale-and-shift convs
+(`meta.ss_shortcut`, BN `meta.bn_mode`), builds a `MetaTransferLearner` and trains SS and the
+FC initialisation with Adam (`meta.ss_lr`, `meta.fc_lr`) on meta-batches of `meta.meta_batch`
+N-way K-shot tasks of the train split. With `meta.hard_tasks`, after each meta-batch the
+failure classes of its tasks make K' = hard_tasks.count hard tasks (fresh images if asked) that
+take one more meta-step (`mtl_edge.train.hard_tasks.HardTaskMiner`); how often they are drawn
+and how they score is logged every epoch. Every `epoch_length` meta-batches is an epoch: the
+learning rates decay by `lr_gamma` every `lr_step` epochs, the learner is scored on fixed
+validation episodes (validation classes only; the MTL head on frozen features, as at
+meta-test) and the best epoch is RUN/best.pt; RUN/last.pt resumes. With `meta.also_without_ht`
+a second learner without HT is trained from the same checkpoint into RUN/without_ht/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtl_edge.data.episodes import EpisodeSampler
+from mtl_edge.data.split import ImageSplit
+from mtl_edge.errors import ConfigError
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    save_checkpoint,
+)
+from mtl_edge.train.config import TrainConfig, config_to_dict
+from mtl_edge.train.gpu_data import DeviceDataset, make_generator
+from mtl_edge.train.hard_tasks import HardTaskConfig, HardTaskMiner, HardTaskSampler, HardTaskStats
+from mtl_edge.train.meta_transfer import (
+    MetaSettings,
+    MetaTransferLearner,
+    TaskBuilder,
+    learner_from_parts,
+)
+from mtl_edge.train.pretrain import as_config, features_of
+from mtl_edge.train.runs import Run, seed_everything
+from mtl_edge.train.torchdata import (
+    describe,
+    episode_loader,
+    load_split,
+    make_augment,
+    open_recipe_split,
+    progress_bar,
+    resolve_device,
+    show_progress,
+)
+
+log = logging.getLogger(__name__)
+
+WITHOUT_HT = "without_ht"
+
+
+def meta_settings(cfg: TrainConfig) -> MetaSettings:
+    """The learner settings of the recipe's [meta] table."""
+    names = {f.name for f in fields(MetaSettings)}
+    try:
+        return MetaSettings(**{k: getattr(cfg.meta, k) for k in names})
+    except ConfigError as e:
+        raise ConfigError(f"[meta]: {e}") from None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise ConfigError for values no run can use."""
+    m = cfg.meta
+    if m.ways < 2 or m.shots < 1 or m.queries < 1 or m.meta_batch < 1:
+        raise ConfigError("meta: need ways >= 2, shots >= 1, queries >= 1, meta_batch >= 1")
+    if m.iterations < 1 or m.epoch_length < 1 or m.lr_step < 1 or m.ss_lr <= 0 or m.fc_lr <= 0:
+        raise ConfigError("meta: need iterations, epoch_length, lr_step >= 1 and ss_lr, fc_lr > 0")
+    meta_settings(cfg)
+    HardTaskConfig(**config_to_dict(cfg.hard_tasks))
+
+
+def init_learner(cfg: TrainConfig, init: str | Path) -> tuple[MetaTransferLearner, Preprocess]:
+    """The learner from a pre-training (or meta) checkpoint, and the checkpoint's preprocessing.
+
+    Raises:
+        CheckpointError: not a checkpoint, or one of another backbone than the recipe's.
+    """
+    ckpt = read_checkpoint(init)
+    if ckpt["model"] != cfg.model.backbone:
+        raise CheckpointError(
+            f"{init}: a {ckpt['model']!r} checkpoint, but the recipe's backbone is "
+            f"{cfg.model.backbone!r}; pass a checkpoint of the same architecture"
+        )
+    args = dict(ckpt["model_args"]) | {"ss_shortcut": cfg.meta.ss_shortcut}
+    try:
+        learner = learner_from_parts(
+            str(ckpt["model"]),
+            args,
+            ckpt["state_dict"],
+            ckpt.get("fc_init") if ckpt["stage"] == "meta" else None,
+            meta_settings(cfg),
+            ways=cfg.meta.ways,
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{init}: {e}") from None
+    return learner, Preprocess.from_dict(dict(ckpt["preprocess"]))
+
+
+def validate(
+    learner: MetaTransferLearner,
+    data: DeviceDataset,
+    split: ImageSplit,
+    sampler: EpisodeSampler,
+    episodes: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Mean and 95% interval (percent) of the MTL head (the learner's init, test_steps) over
+    the sampler's first `episodes` episodes, on features of the frozen SS encoder."""
+    from mtl_edge.train.heads import MTLHead
+    from mtl_edge.train.metatest import evaluate_heads
+
+    feats = features_of(learner.encoder, data, device)
+    res = evaluate_heads(
+        feats,
+        split.labels,
+        sampler.episodes(episodes),
+        {"mtl": MTLHead.factory_from_learner(learner)},
+    )
+    return float(res["mtl"].mean), float(res["mtl"].ci95)
+
+
+def meta_train(
+    config: TrainConfig | Mapping[str, Any],
+    out: str | Path,
+    init: str | Path | None = None,
+    resume: bool = False,
+    source: str = "recipe",
+) -> dict[str, Any]:
+    """Run phase 2 into the run folder `out`.
+
+    Args:
+        init: the pre-training checkpoint (default: meta.pretrained of the recipe).
+
+    Returns:
+        {"checkpoint": best.pt, "last": last.pt, "images": task images processed,
+         "best_val": percent, "hard_tasks": HT statistics, "checkpoints": {"without_ht": ...}
+         when `meta.also_without_ht`}.
+    """
+    cfg = as_config(config, source)
+    check_config(cfg)
+    init = init or cfg.meta.pretrained
+    if not init:
+        raise ConfigError(
+            "meta.pretrained is empty: pass the pre-training checkpoint, e.g. --set "
+            "meta.pretrained=RUN/best.pt"
+        )
+    result = _train_one(cfg, Path(out), Path(init), cfg.meta.hard_tasks, resume)
+    if cfg.meta.also_without_ht and cfg.meta.hard_tasks:
+        other = _train_one(cfg, Path(out) / WITHOUT_HT, Path(init), False, resume)
+        result["checkpoints"] = {WITHOUT_HT: other["checkpoint"]}
+        result["images"] += other["images"]
+    return result
+
+
+def _train_one(
+    cfg: TrainConfig, out: Path, init: Path, use_ht: bool, resume: bool
+) -> dict[str, Any]:
+    m, rt = cfg.meta, cfg.runtime
+    device = resolve_device(rt)
+    if rt.threads:
+        torch.set_num_threads(rt.threads)
+    seed_everything(rt.seed)
+    learner, preprocess = init_learner(cfg, init)
+    learner.to(device)
+    run = Run.open(out, cfg, rt.seed, resume, "meta" + ("" if use_ht else " (no HT)"))
+    train_split = open_recipe_split(cfg.data, cfg.data.train_split, preprocess.color_mode)
+    train_split.require(m.ways, m.shots + m.queries)
+    val_shots = m.val_shots or m.shots
+    val_split = None
+    if m.val_episodes > 0:
+        val_split = open_recipe_split(cfg.data, cfg.data.val_split, preprocess.color_mode)
+        val_split.require(m.ways, val_shots + m.queries)
+    bars = show_progress(rt)
+    train_data = load_split(train_split, preprocess, device, bars)
+    val_data = load_split(val_split, preprocess, device, bars) if val_split else None
+    run.record_split("train", train_split.name, train_split.fingerprint(), len(train_split))
+    if val_split is not None:
+        run.record_split("val", val_split.name, val_split.fingerprint(), len(val_split))
+    log.info("meta-training (%s) on %s", "HT" if use_ht else "no HT", describe(train_split))
+
+    optimizer = learner.make_optimizer(m.ss_lr, m.fc_lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=m.lr_step, gamma=m.lr_gamma)
+    gen = make_generator(rt.seed, device)
+    build = TaskBuilder(
+        episode_loader(train_data, device, gen, make_augment((0.25, 1.0), m.augment)), device
+    )
+    sampler = EpisodeSampler.for_split(train_split, m.ways, m.shots, m.queries, rt.seed)
+    ht_cfg = HardTaskConfig(**config_to_dict(cfg.hard_tasks))
+    miner = (
+        HardTaskMiner(
+            HardTaskSampler(
+                train_split.indices_by_class(),
+                m.ways,
+                m.shots,
+                m.queries,
+                rt.seed + 1,
+                ht_cfg.fresh_images,
+            ),
+            ht_cfg,
+        )
+        if use_ht
+        else None
+    )
+    val_sampler = (
+        EpisodeSampler.for_split(val_split, m.ways, val_shots, m.queries, rt.seed)
+        if val_split is not None
+        else None
+    )
+    epochs = math.ceil(m.iterations / m.epoch_length)
+    start_epoch, best, images = 0, -1.0, 0
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume and last_path.is_file():
+        state = read_checkpoint(last_path)
+        learner.encoder.load_state_dict(state["state_dict"])
+        with torch.no_grad():
+            learner.fc_weight.copy_(state["fc_init"]["weight"])
+            learner.fc_bias.copy_(state["fc_init"]["bias"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"]["generator"])
+        start_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        images = int(state.get("images", 0))
+        if miner is not None and "hard_task_stats" in state:
+            miner.stats = HardTaskStats(**state["hard_task_stats"])
+        log.info("resuming meta-training at epoch %d", start_epoch)
+    per_task = m.ways * (m.shots + m.queries)
+    with progress_bar(bars) as progress:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            n_batches = min(m.epoch_length, m.iterations - epoch * m.epoch_length)
+            task = progress.add_task(f"meta {epoch + 1}/{epochs}", total=n_batches, info="")
+            losses, accs, hard_accs = [], [], []
+            for b in range(n_batches):
+                first = (epoch * m.epoch_length + b) * m.meta_batch
+                tasks = [build(sampler.episode(first + j)) for j in range(m.meta_batch)]
+                stats = learner.meta_step(tasks, optimizer)
+                losses.append(stats.loss)
+                accs.append(stats.accuracy)
+                images += per_task * len(tasks)
+                if miner is not None:
+                    hard = miner.after_batch(tasks, stats.tasks, epoch, b)
+                    if hard:
+                        hard_stats = learner.meta_step(
+                            [build(e, is_hard=True) for e in hard], optimizer
+                        )
+                        miner.record(hard_stats.tasks)
+                        hard_accs.append(hard_stats.accuracy)
+                        images += per_task * len(hard)
+                progress.update(
+                    task,
+                    advance=1,
+                    info=f"loss {np.mean(losses):.3f} acc {100 * np.mean(accs):.1f}%",
+                )
+            progress.remove_task(task)
+            scheduler.step()
+            row: dict[str, Any] = {
+                "stage": "meta",
+                "hard_tasks": use_ht,
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "train_acc": 100.0 * float(np.mean(accs)),
+                "hard_acc": 100.0 * float(np.mean(hard_accs)) if hard_accs else None,
+                "hard_batches": len(hard_accs),
+                "ss_lr": optimizer.param_groups[0]["lr"],
+                "fc_lr": optimizer.param_groups[1]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
+            if miner is not None:
+                row["ht_stats"] = miner.stats.to_dict()
+            improved = True
+            if val_sampler is not None:
+                assert val_data is not None and val_split is not None
+                acc, ci = validate(
+                    learner, val_data, val_split, val_sampler, m.val_episodes, device
+                )
+                row |= {"val_acc": acc, "val_ci95": ci}
+                improved = acc > best
+                best = max(best, acc)
+            run.log_metrics(**row)
+            log.info(
+                "meta epoch %d%s: loss %.3f train %.1f%%%s",
+                epoch,
+                "" if use_ht else " (no HT)",
+                row["loss"],
+                row["train_acc"],
+                f" val {row['val_acc']:.2f}%" if "val_acc" in row else "",
+            )
+            parts = learner.checkpoint_parts()
+            parts["model_args"]["ss_shortcut"] = m.ss_shortcut
+            metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and v is not None}
+            ckpt = parts | {
+                "stage": "meta",
+                "preprocess": preprocess.to_dict(),
+                "config": config_to_dict(cfg),
+                "metrics": metrics,
+                "epoch": epoch,
+                "init": str(init),
+            }
+            if improved:
+                save_checkpoint(best_path, ckpt)
+            extra: dict[str, Any] = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"generator": gen.get_state()},
+                "best": best,
+                "images": images,
+            }
+            if miner is not None:
+                extra["hard_task_stats"] = {
+                    k: v for k, v in miner.stats.to_dict().items() if not k.endswith("accuracy")
+                }
+            save_checkpoint(last_path, ckpt | extra)
+    return {
+        "checkpoint": str(best_path),
+        "last": str(last_path),
+        "images": images,
+        "best_val": best if best >= 0 else None,
+        "hard_tasks": miner.stats.to_dict() if miner is not None else None,
+    }
