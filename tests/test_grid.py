@@ -135,3 +135,29 @@ def test_grid_cli_on_trained_checkpoints(tmp_path: Path, capsys) -> None:
     assert on_disk["results"] == report["results"]
     assert {m["adapt"]["kind"] for m in on_disk["models"]} == {"inner", "finetune"}
     assert on_disk["classes"] == 36 and on_disk["split"] == "synthetic/val+test"
+
+
+def test_feature_heads_and_an_ss_checkpoint_default_to_the_fc_base_learner(tmp_path: Path) -> None:
+    from mtl_edge.train.grid import load_grid_model
+    from mtl_edge.train.ss import convert_to_ss
+
+    torch.manual_seed(0)
+    model = convert_to_ss(create_backbone("conv4", width=4))
+    path = tmp_path / "mtl.pt"
+    torch.save(
+        {
+            "format": "mtl-edge.checkpoint",
+            "version": 1,
+            "model": "conv4",
+            "model_args": dict(model.model_args),
+            "state_dict": model.state_dict(),
+            "preprocess": PRE.to_dict(),
+        },
+        path,
+    )
+    loaded = load_grid_model(path)
+    assert loaded.adapt == {"kind": "mtl"} and loaded.name == "mtl"
+    logreg = GridModel("logreg", loaded.backbone, PRE, {"kind": "logreg"})
+    report = evaluate_grid([loaded, logreg], _split(), ways=(3,), shots=(2,), episodes=2, queries=2)
+    assert [r["model"] for r in report["results"]] == ["mtl", "logreg"]
+    assert all(0.0 <= r["mean"] <= 100.0 for r in report["results"])

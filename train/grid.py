@@ -9,6 +9,8 @@ Adaptation kinds (the checkpoint's `adapt` entry; "centroid" for a checkpoint wi
   classified with the running statistics (non-transductive).
 - "centroid" (ProtoNet-style): features of the whole split are extracted once per model, the
   query is assigned to the nearest class mean (cosine).
+- "mtl" (the SS method's FC base-learner, default for a meta-transfer checkpoint) and "logreg":
+  the training stack's feature heads (`metatest.head_factories`) on features extracted once.
 
 Settings the split cannot supply (fewer classes than ways, or fewer images per class than
 shots + queries) are listed as skipped with the reason; 35-way needs the 36 val + test classes.
@@ -43,7 +45,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WAYS = (5, 20, 35)
 DEFAULT_SHOTS = (1, 5, 100)
-ADAPT_KINDS = ("inner", "finetune", "centroid")
+ADAPT_KINDS = ("inner", "finetune", "centroid", "mtl", "logreg")
+#: Kinds that adapt a head on features extracted once (the backbone stays fixed).
+FEATURE_KINDS = ("centroid", "mtl", "logreg")
 
 
 @dataclass
@@ -126,6 +130,17 @@ def centroid_accuracy(features: torch.Tensor, ep: Episode) -> float:
     return float((pred == torch.as_tensor(ep.query_labels())).float().mean() * 100)
 
 
+def head_accuracy(model: nn.Module, kind: str, features: torch.Tensor, ep: Episode) -> float:
+    """Accuracy (%) of the training stack's feature head `kind` ("mtl": the FC base-learner,
+    "logreg") fitted on the support features; features of shape (N, D)."""
+    from mtl_edge.train.metatest import head_factories
+
+    head = head_factories(model, [kind])[kind]()
+    head.fit(features[torch.as_tensor(ep.support)], torch.as_tensor(ep.support_labels()))
+    pred = head.predict(features[torch.as_tensor(ep.query)]).argmax(1)
+    return float((pred == torch.as_tensor(ep.query_labels())).float().mean() * 100)
+
+
 def finetune_accuracy(
     backbone: nn.Module, bank: ImageBank, ep: Episode, adapt: dict[str, Any], seed: int
 ) -> float:
@@ -195,12 +210,14 @@ def evaluate_grid(
             banks[key] = ImageBank(decoded_images(split, pp.size, cache_dir), pp)
         bank = banks[key]
         kind = m.adapt["kind"]
-        features = extract_all(m.backbone, bank) if kind == "centroid" else None
+        features = extract_all(m.backbone, bank) if kind in FEATURE_KINDS else None
         for s in runnable:
             accs = []
             for i, ep in enumerate(episodes_for(split, s, queries, episodes, seed)):
-                if features is not None:
+                if kind == "centroid" and features is not None:
                     accs.append(centroid_accuracy(features, ep))
+                elif features is not None:
+                    accs.append(head_accuracy(m.backbone, kind, features, ep))
                 else:
                     accs.append(finetune_accuracy(m.backbone, bank, ep, m.adapt, seed + i))
             mean, ci = confidence_interval(accs)
@@ -257,7 +274,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def load_grid_model(path: str | Path) -> GridModel:
-    """A grid model from a self-describing checkpoint (`adapt` entry or "centroid").
+    """A grid model from a self-describing checkpoint: its `adapt` entry, else the FC
+    base-learner ("mtl") for a meta-transfer (SS) checkpoint and "centroid" for any other.
 
     Raises:
         MtlEdgeError: unreadable or not a backbone checkpoint.
@@ -274,6 +292,13 @@ def load_grid_model(path: str | Path) -> GridModel:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise MtlEdgeError(f"{path}: not an mtl-edge checkpoint; pass a file from `mtl-edge train`")
     model = create_backbone(ckpt["model"], **dict(ckpt.get("model_args", {})))
+    ss = any(k.endswith("ss_scale") for k in ckpt["state_dict"])
+    if ss:
+        from mtl_edge.train.ss import convert_to_ss
+
+        model = convert_to_ss(
+            model, shortcut=bool(ckpt.get("model_args", {}).get("ss_shortcut", True))
+        )
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
@@ -281,7 +306,7 @@ def load_grid_model(path: str | Path) -> GridModel:
             f"{path}: weights do not fit {ckpt['model']!r} ({str(e)[:100]})"
         ) from None
     name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
-    adapt = dict(ckpt.get("adapt") or {"kind": "centroid"})
+    adapt = dict(ckpt.get("adapt") or {"kind": "mtl" if ss else "centroid"})
     return GridModel(name, model.eval(), Preprocess.from_dict(ckpt["preprocess"]), adapt)
 
 
