@@ -65,10 +65,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors of every kind
-        first = (str(e).strip().splitlines() or [""])[0][:120]
         raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); pass a file "
-            "written by `mtl-edge train`"
+            f"{path}: not a readable torch checkpoint ({type(e).__name__}); pass a best.pt or "
+            "last.pt written by `mtl-edge train`"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
