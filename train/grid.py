@@ -36,7 +36,7 @@ from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
 from mtl_edge.preprocess import Preprocess
-from mtl_edge.train.joint import zero_head
+from mtl_edge.train.joint import feature_dim, zero_head
 from mtl_edge.train.joint_train import ImageBank, decoded_images, open_split_spec
 from mtl_edge.train.joint_train import data_root as resolve_data_root
 from mtl_edge.train.metatest import confidence_interval
@@ -150,7 +150,7 @@ def finetune_accuracy(
     steps, lr = int(adapt.get("steps", 10)), float(adapt.get("lr", 0.01))
     batch = int(adapt.get("batch_size", 128))
     params = [p for p in model.parameters() if p.requires_grad]
-    head = zero_head(ep.ways, int(model.feature_dim), params[0])
+    head = zero_head(ep.ways, feature_dim(model), params[0])
     opt = torch.optim.SGD(params + list(head), lr=lr)
     x_all, y_all = ep.support, torch.as_tensor(ep.support_labels())
     gen = np.random.default_rng(seed)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -197,6 +198,11 @@ def backbone_params(backbone: nn.Module) -> Params:
     return {k: p for k, p in backbone.named_parameters() if p.requires_grad}
 
 
+def feature_dim(model: nn.Module) -> int:
+    """The size D of `model`'s features (its `feature_dim` attribute)."""
+    return cast(int, model.feature_dim)
+
+
 def zero_head(ways: int, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh task head: weight of shape (ways, dim) and bias of shape (ways,), zeros."""
     w = torch.zeros(ways, dim, dtype=like.dtype, device=like.device, requires_grad=True)
@@ -236,7 +242,7 @@ def inner_adapt(
         (adapted backbone parameters, adapted head (weight (ways, D), bias (ways,))).
     """
     any_param = next(iter(params.values()))
-    dim = int(backbone.feature_dim)
+    dim = feature_dim(backbone)
     head = zero_head(ways, dim, any_param)
     fast = dict(params)
     if not create_graph:
@@ -351,7 +357,7 @@ class JointLearner:
             raise ConfigError(f"transfer head needs >= 2 base classes, got {num_base_classes}")
         self.cfg = cfg
         self.backbone = backbone
-        self.transfer_head = nn.Linear(int(backbone.feature_dim), num_base_classes)
+        self.transfer_head = nn.Linear(feature_dim(backbone), num_base_classes)
         params = list(backbone_params(backbone).values())
         self.meta_opt = _optimizer(cfg.optimizer, params, cfg.outer_lr)
         self.transfer_opt = _optimizer(
@@ -388,11 +394,13 @@ class JointLearner:
             proposals["transfer"] = _apply(self.transfer_opt, params, grads, theta0)
         mixed = mix_parameters(theta0, proposals.get("meta"), proposals.get("transfer"), cfg)
         with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(mixed[k])
+            for k, w in params.items():
+                w.copy_(mixed[k])
         return {
             f"delta_{name}": float(
-                torch.sqrt(sum(((v - theta0[k]) ** 2).sum() for k, v in prop.items()))
+                torch.sqrt(
+                    torch.stack([((v - theta0[k]) ** 2).sum() for k, v in prop.items()]).sum()
+                )
             )
             for name, prop in proposals.items()
         }
