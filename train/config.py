@@ -233,19 +233,26 @@ def recipe_path(path_or_name: str | Path) -> Path:
         return path
     name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
     if path.parent == Path("."):
-        packaged = resources.files("mtl_edge.recipes").joinpath(name)
+        packaged = recipes_dir() / name
         if packaged.is_file():
-            return Path(str(packaged))
+            return packaged
     raise ConfigError(
         f"recipe {str(path_or_name)!r}: no such file or packaged recipe; pass a TOML path or one "
         f"of: {', '.join(packaged_recipes())}"
     )
 
 
+def recipes_dir() -> Path:
+    """The packaged recipes: mtl_edge.recipes when installed, else the source tree's recipes/."""
+    try:
+        return Path(str(resources.files("mtl_edge.recipes")))
+    except ModuleNotFoundError:  # an editable install that predates the recipes package
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
 def packaged_recipes() -> list[str]:
     """Names of the recipes shipped in mtl_edge.recipes."""
-    root = resources.files("mtl_edge.recipes")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in recipes_dir().glob("*.toml"))
 
 
 def read_toml(path: Path) -> dict[str, Any]:
