@@ -1,0 +1,1 @@
+"""Packaged training recipes (TOML), read with mtl_edge.train.config.load_config."""
