@@ -1,4 +1,4 @@
-"""`mtl-edge bench compare A.json B.json`: two reports of the same kind side by side."""
+"""`mtl-edge bench compare A.json B.json`: two reports of one kind side by side, with ratios."""
 
 from __future__ import annotations
 
@@ -7,83 +7,93 @@ from typing import Any
 from mtl_edge.errors import ConfigError
 
 
-def _latency_rows(doc: dict[str, Any]) -> dict[tuple[str, ...], float]:
+def _latency_rows(report: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
     return {
-        (s["backend"], s["precision"], str(b["batch"])): b["median_ms"]
-        for s in doc["results"].get("settings", [])
+        (s["backend"], s["precision"], b["batch"]): b
+        for s in report["results"].get("settings", [])
         for b in s["batches"]
     }
 
 
-def _accuracy_rows(doc: dict[str, Any]) -> dict[tuple[str, ...], float]:
+def _accuracy_rows(report: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
     return {
-        (r["backend"], r["precision"], f"{r['ways']}-way {r['shots']}-shot"): r["accuracy"]
-        for r in doc["results"].get("settings", [])
+        (r["backend"], r["precision"], r["ways"], r["shots"]): r
+        for r in report["results"].get("rows", [])
     }
-
-
-def _enroll_rows(doc: dict[str, Any]) -> dict[tuple[str, ...], float]:
-    res = doc["results"]
-    rows = {(k,): v * 1e3 for k, v in res.get("stages_s", {}).items()}
-    if "predict_one" in res:
-        rows[("predict one (median)",)] = res["predict_one"]["median_ms"]
-    return rows
-
-
-ROWS = {"latency": _latency_rows, "accuracy": _accuracy_rows, "enroll": _enroll_rows}
-KEYS = {
-    "latency": ["backend", "precision", "batch"],
-    "accuracy": ["backend", "precision", "setting"],
-    "enroll": ["stage"],
-}
-VALUE = {"latency": "median ms", "accuracy": "accuracy %", "enroll": "ms"}
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Rows present in either report with both values and b / a.
-
-    Returns:
-        {"kind", "machines": [a, b], "columns": [...], "rows": [{"key": [...], "a", "b",
-        "ratio"}]}; a value is None where that report lacks the row.
+    """Settings present in both reports with A's figure, B's figure and their ratio
+    (latency: median ms and B / A; accuracy: percent and B - A in points). Settings found in
+    only one report are listed under only_in_a / only_in_b.
 
     Raises:
-        ConfigError: reports of different kinds.
+        ConfigError: reports of different kinds, or of a kind without a comparison.
     """
     if a["kind"] != b["kind"]:
         raise ConfigError(
-            f"bench compare: a {a['kind']} report and a {b['kind']} report; compare two of one kind"
+            f"bench compare: a {a['kind']} report and a {b['kind']} report; "
+            "give two reports of the same kind"
         )
-    kind = a["kind"]
-    ra, rb = ROWS[kind](a), ROWS[kind](b)
-    rows = []
-    for key in list(ra) + [k for k in rb if k not in ra]:
-        va, vb = ra.get(key), rb.get(key)
-        ratio = vb / va if va and vb is not None else None
-        rows.append({"key": list(key), "a": va, "b": vb, "ratio": ratio})
+    if a["kind"] == "latency":
+        ra, rb = _latency_rows(a), _latency_rows(b)
+        rows = [
+            {
+                "backend": k[0],
+                "precision": k[1],
+                "batch": k[2],
+                "a_median_ms": ra[k]["median_ms"],
+                "b_median_ms": rb[k]["median_ms"],
+                "ratio_b_over_a": rb[k]["median_ms"] / ra[k]["median_ms"],
+            }  # fmt: skip
+            for k in ra
+            if k in rb
+        ]
+    elif a["kind"] == "accuracy":
+        ra, rb = _accuracy_rows(a), _accuracy_rows(b)
+        rows = [
+            {
+                "backend": k[0],
+                "precision": k[1],
+                "ways": k[2],
+                "shots": k[3],
+                "a_accuracy": ra[k]["accuracy"],
+                "b_accuracy": rb[k]["accuracy"],
+                "b_minus_a": rb[k]["accuracy"] - ra[k]["accuracy"],
+            }  # fmt: skip
+            for k in ra
+            if k in rb
+        ]
+    else:
+        raise ConfigError("bench compare: only latency and accuracy reports can be compared")
     return {
-        "kind": kind,
-        "machines": [a.get("machine"), b.get("machine")],
-        "created": [a.get("created"), b.get("created")],
-        "columns": KEYS[kind],
-        "value": VALUE[kind],
+        "kind": a["kind"],
         "rows": rows,
+        "only_in_a": [list(k) for k in ra if k not in rb],
+        "only_in_b": [list(k) for k in rb if k not in ra],
     }
 
 
-def to_markdown(cmp: dict[str, Any]) -> str:
-    """The comparison as a Markdown table (ratio = B / A)."""
-
-    def f(x: float | None) -> str:
-        return "-" if x is None else f"{x:.3f}"
-
-    v = cmp["value"]
-    lines = [
-        f"A: {cmp['machines'][0]} ({cmp['created'][0]})",
-        f"B: {cmp['machines'][1]} ({cmp['created'][1]})",
-        "",
-        "| " + " | ".join([*cmp["columns"], f"A {v}", f"B {v}", "B / A"]) + " |",
-        "|" + "---|" * (len(cmp["columns"]) + 3),
-    ]
-    for r in cmp["rows"]:
-        lines.append("| " + " | ".join([*r["key"], f(r["a"]), f(r["b"]), f(r["ratio"])]) + " |")
+def compare_markdown(result: dict[str, Any], name_a: str, name_b: str) -> str:
+    """The comparison as a Markdown table."""
+    if result["kind"] == "latency":
+        header = ["backend", "precision", "batch", f"A ms ({name_a})", f"B ms ({name_b})", "B/A"]
+        body = [
+            [r["backend"], r["precision"], str(r["batch"]), f"{r['a_median_ms']:.3f}",
+             f"{r['b_median_ms']:.3f}", f"{r['ratio_b_over_a']:.2f}"]
+            for r in result["rows"]
+        ]  # fmt: skip
+    else:
+        header = ["backend", "precision", "ways", "shots", f"A % ({name_a})", f"B % ({name_b})",
+                  "B-A"]  # fmt: skip
+        body = [
+            [r["backend"], r["precision"], str(r["ways"]), str(r["shots"]),
+             f"{r['a_accuracy']:.2f}", f"{r['b_accuracy']:.2f}", f"{r['b_minus_a']:+.2f}"]
+            for r in result["rows"]
+        ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    for label, key in (("only in A", "only_in_a"), ("only in B", "only_in_b")):
+        if result[key]:
+            lines.append(f"{label}: " + "; ".join(" ".join(map(str, k)) for k in result[key]))
     return "\n".join(lines) + "\n"

@@ -15,54 +15,59 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_latency(doc: dict[str, Any], out: str | Path) -> Path:
-    """Median latency per image (ms, log scale) against batch size, one line per
-    (backend, precision)."""
+def plot_latency(report: dict[str, Any], path: Path) -> Path:
+    """Median latency per image (ms, log scale) against batch size, one line per setting."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for s in doc["results"].get("settings", []):
-        xs = [b["batch"] for b in s["batches"]]
-        ys = [b["median_ms"] / b["batch"] for b in s["batches"]]
-        ax.plot(xs, ys, marker="o", label=f"{s['backend']} {s['precision']}")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for s in report["results"].get("settings", []):
+        batches = [b["batch"] for b in s["batches"]]
+        per_image = [b["median_ms"] / b["batch"] for b in s["batches"]]
+        ax.plot(batches, per_image, marker="o", label=f"{s['backend']} {s['precision']}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("median ms per image")
-    ax.set_title(f"latency, {doc.get('machine')}", fontsize=9)
+    ax.set_title("Latency per image vs batch size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(out)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def plot_accuracy(doc: dict[str, Any], out: str | Path) -> Path:
-    """Accuracy (with its 95% interval) against shots, one line per (backend, precision, ways)."""
+def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
+    """Accuracy (%) with 95% intervals against shots, one line per (backend, precision, ways)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    lines: dict[tuple[str, str, int], list[tuple[int, float, float]]] = {}
-    for r in doc["results"].get("settings", []):
-        key = (r["backend"], r["precision"], r["ways"])
-        lines.setdefault(key, []).append((r["shots"], r["accuracy"], r["ci95"]))
-    for (b, p, w), pts in lines.items():
-        pts.sort()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lines: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in report["results"].get("rows", []):
+        lines.setdefault((r["backend"], r["precision"], r["ways"]), []).append(r)
+    for (backend, precision, ways), rows in lines.items():
+        rows.sort(key=lambda r: r["shots"])
         ax.errorbar(
-            [x for x, _, _ in pts],
-            [y for _, y, _ in pts],
-            yerr=[c for _, _, c in pts],
+            [r["shots"] for r in rows],
+            [r["accuracy"] for r in rows],
+            yerr=[r["ci95"] for r in rows],
             marker="o",
             capsize=3,
-            label=f"{w}-way {b} {p}",
+            label=f"{ways}-way {backend} {precision}",
         )
     ax.set_xlabel("shots")
-    ax.set_ylabel("accuracy %")
-    ax.set_title(f"few-shot accuracy, {doc.get('machine')}", fontsize=9)
+    ax.set_ylabel("accuracy % (95% interval)")
+    ax.set_title("Accuracy vs shots")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(out)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_report(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """The plots of a report's kind written into `out`; enroll reports have none."""
+    if report["kind"] == "latency" and report["results"].get("settings"):
+        return [plot_latency(report, out / f"{stem}.png")]
+    if report["kind"] == "accuracy" and report["results"].get("rows"):
+        return [plot_accuracy(report, out / f"{stem}.png")]
+    return []

@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from mtl_edge.errors import ConfigError
+
 
 def _default_out(kind: str) -> Path:
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
@@ -46,6 +48,16 @@ def _finish(doc: dict[str, Any], out: Path, as_json: bool) -> None:
         typer.echo("written: " + ", ".join(str(p) for p in paths))
 
 
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} {text!r}: give a JSON object such as '{{\"width\": 8}}'")
+    return value
+
+
 def _timing(min_time: float, min_runs: int, warmup: float, warmup_runs: int) -> Any:
     from mtl_edge.bench.timing import TimingBudget
 
@@ -72,6 +84,10 @@ def register(app: typer.Typer, name: str) -> None:
         random: bool = typer.Option(
             False, "--random", help="Random weights: build, export and time --backbone."
         ),
+        backbone_args: str = typer.Option(
+            "{}", "--backbone-args", help="JSON options of --backbone, e.g. '{\"width\": 8}'."
+        ),
+        image_size: int = typer.Option(84, "--image-size", help="Input size for --random."),
         backends: str = typer.Option("torch,onnxruntime", "--backends"),
         precisions: str = typer.Option("fp32,int8-cpu", "--precisions"),
         batch_sizes: str = typer.Option("1,5,25,75,128", "--batch-sizes"),
@@ -106,6 +122,8 @@ def register(app: typer.Typer, name: str) -> None:
             rounds=rounds,
             calib=calib,
             measure_peak=not no_peak,
+            backbone_args=_json_object(backbone_args, "--backbone-args"),
+            image_size=image_size,
         )
         lat.settings_matrix(cfg.backends, cfg.precisions)  # bad names fail before any work
         out = out or _default_out("latency")
