@@ -342,22 +342,20 @@ def write_random_checkpoint(
     """A checkpoint of registry backbone `name` with random weights (seed) for latency runs."""
     import torch
 
-    from mtl_edge.export.api import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
     from mtl_edge.train.backbones import create_backbone
+    from mtl_edge.train.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     model = create_backbone(name, **(model_args or {}))
     ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
         "model": name,
         "model_args": dict(getattr(model, "model_args", model_args or {})),
         "state_dict": model.state_dict(),
+        "stage": "pretrain",
         "preprocess": preprocess,
         "config": {},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, out)
+    save_checkpoint(out, ckpt)
     return out
 
 
