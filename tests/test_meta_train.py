@@ -1,0 +1,90 @@
+"""Meta-transfer driver on tiny synthetic data: SS learner, HT statistics, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mtl_edge.errors import ConfigError
+from mtl_edge.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from mtl_edge.train.meta_train import meta_train
+from mtl_edge.train.meta_transfer import MetaTransferLearner
+from mtl_edge.train.pretrain import pretrain
+
+
+def tiny(**meta: Any) -> dict[str, Any]:
+    return {
+        "data": {
+            "kind": "synthetic",
+            "options": {
+                "size": 16,
+                "per_class": 12,
+                "train_classes": 6,
+                "val_classes": 5,
+                "test_classes": 5,
+            },
+        },
+        "model": {"backbone": "conv4", "args": {"width": 8}, "preprocess": {"size": 16}},
+        "pretrain": {"epochs": 1, "batch_size": 16, "val_episodes": 0},
+        "meta": {
+            "iterations": 6,
+            "epoch_length": 3,
+            "meta_batch": 2,
+            "shots": 1,
+            "queries": 3,
+            "inner_steps": 3,
+            "test_steps": 5,
+            "val_episodes": 4,
+            "lr_step": 1,
+        }
+        | meta,
+        "hard_tasks": {"count": 1},
+        "runtime": {"threads": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pre")
+    return Path(pretrain(tiny(), out)["checkpoint"])
+
+
+def test_meta_train_with_hard_tasks(tmp_path: Path, pretrained: Path) -> None:
+    result = meta_train(tiny(also_without_ht=True), tmp_path, init=pretrained)
+    ht = result["hard_tasks"]
+    assert ht["events"] > 0 and ht["tasks"] == ht["events"]  # one hard task per HT event
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1]
+    assert lines[1]["ss_lr"] == pytest.approx(lines[0]["ss_lr"] * 0.5)  # lr decay per epoch
+    assert all("val_acc" in m and m["hard_batches"] > 0 for m in lines)
+    loaded = load_checkpoint(result["checkpoint"])
+    assert isinstance(loaded.model, MetaTransferLearner) and loaded.stage == "meta"
+    ckpt = read_checkpoint(result["checkpoint"])
+    assert any(k.endswith("ss_scale") for k in ckpt["state_dict"])
+    assert ckpt["fc_init"]["weight"].shape == (5, loaded.model.fc_weight.shape[1])
+    # SS moved away from identity: the meta-step trained it
+    scales = [v for k, v in ckpt["state_dict"].items() if k.endswith("ss_scale")]
+    assert any(not torch.allclose(s, torch.ones_like(s)) for s in scales)
+    # the backbone weights themselves stay frozen
+    base = read_checkpoint(pretrained)["state_dict"]
+    convs = [k for k in base if k.endswith("conv.weight")]
+    assert convs and all(torch.equal(base[k], ckpt["state_dict"][k]) for k in convs)
+    without = Path(result["checkpoints"]["without_ht"])
+    assert without.is_file()
+    no_ht = [json.loads(x) for x in (without.parent / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["hard_batches"] == 0 for m in no_ht)
+
+
+def test_meta_needs_a_matching_checkpoint(tmp_path: Path, pretrained: Path) -> None:
+    with pytest.raises(ConfigError, match="meta.pretrained"):
+        meta_train(tiny(), tmp_path)
+    other = tiny()
+    other["model"] = {"backbone": "resnet12", "preprocess": {"size": 16}}
+    with pytest.raises(CheckpointError, match="'conv4' checkpoint"):
+        meta_train(other, tmp_path, init=pretrained)
+    with pytest.raises(ConfigError, match="inner_loss"):
+        meta_train(tiny(inner_loss="median"), tmp_path, init=pretrained)
