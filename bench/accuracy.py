@@ -139,11 +139,12 @@ def extract_features(
 
 
 def episode_accuracy(feats: np.ndarray, episode: Episode, head: str, bundle: Bundle) -> float:
-    """Query accuracy (0..1) of one episode from features of its support and query samples.
+    """Query accuracy (0..1) of one episode.
 
     Args:
-        feats: callable-free lookup: rows indexed like the split, shape (N_split, D) (only the
-            rows the episode uses need to be filled).
+        feats: features indexed like the split, shape (N_split, D); only the rows of the
+            episode's support and query samples are read.
+        head: "fc" (the bundle's head recipe) or "centroid".
     """
     xs, xq = feats[episode.support], feats[episode.query]
     ys, yq = episode.support_labels(), episode.query_labels()

@@ -116,7 +116,13 @@ def latency_markdown(report: dict[str, Any]) -> str:
     peak = res.get("peak", {})
     lines.append(
         f"- input {res.get('model', {}).get('input_shape')}; FLOPs per image: "
-        + (f"{flops / 1e9:.3f} G" if flops else "not counted")
+        + (
+            f"{flops / 1e9:.3f} G"
+            if flops and flops >= 1e8
+            else f"{(flops or 0) / 1e6:.2f} M"
+            if flops
+            else "not counted"
+        )
     )
     for key in ("fp32", "int8"):
         entry = peak.get(key, {})
