@@ -129,10 +129,10 @@ def settings_matrix(backends: Sequence[str], precisions: Sequence[str]) -> list[
         else:
             pairs += [(b, p) for p in precisions]
     seen: list[tuple[str, str]] = []
-    for p in pairs:
-        if p not in seen:
-            seen.append(p)
-    return sorted(seen, key=lambda p: p != REFERENCE)
+    for pair in pairs:
+        if pair not in seen:
+            seen.append(pair)
+    return sorted(seen, key=lambda pair: pair != REFERENCE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,11 +556,12 @@ def _summaries(
     for key, meta in info.items():
         rows = []
         for batch in cfg.batch_sizes:
-            if (*key, batch) not in times:
+            k = (key[0], key[1], batch)
+            if k not in times:
                 continue
-            row: dict[str, Any] = {"batch": batch, **latency_summary(times[(*key, batch)], batch)}
-            if (*key, batch) in device:
-                dev = latency_summary(device[(*key, batch)], batch)
+            row: dict[str, Any] = {"batch": batch, **latency_summary(times[k], batch)}
+            if k in device:
+                dev = latency_summary(device[k], batch)
                 row["device"] = {k: v for k, v in dev.items() if k != "runs"}
             ref = times.get((*REFERENCE, batch))
             if ref is not None:

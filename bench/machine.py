@@ -40,7 +40,7 @@ def _ort_matmul_session(n: int, int8: bool, threads: int | None) -> tuple[Any, d
         y = helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])
         node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
         rng = np.random.default_rng(0)
-        feeds = {
+        feeds: dict[str, np.ndarray] = {
             "a": rng.integers(0, 255, (n, n), dtype=np.uint8),
             "b": rng.integers(-127, 127, (n, n), dtype=np.int8),
         }

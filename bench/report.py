@@ -40,7 +40,7 @@ def make_report(kind: str, config: dict[str, Any], results: dict[str, Any]) -> d
         "schema": SCHEMA,
         "version": VERSION,
         "kind": kind,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(),
         "config": config,
         "results": results,

@@ -18,7 +18,7 @@ from mtl_edge.errors import ConfigError
 
 
 def _default_out(kind: str) -> Path:
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / "bench" / f"{stamp}-{kind}"
 
 
