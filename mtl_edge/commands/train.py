@@ -110,9 +110,10 @@ def register(app: typer.Typer, name: str) -> None:
     ) -> None:
         """Phase 1: train the backbone as a classifier over the base classes."""
         from mtl_edge.train.config import TrainConfig, load_config
+
+        cfg = load_config(TrainConfig, recipe, overrides)  # errors before torch is imported
         from mtl_edge.train.pretrain import pretrain
 
-        cfg = load_config(TrainConfig, recipe, overrides)
         result = pretrain(cfg, out, resume=resume, source=str(recipe))
         _print(result, as_json)
 
@@ -131,9 +132,10 @@ def register(app: typer.Typer, name: str) -> None:
     ) -> None:
         """Phase 2: meta-transfer (SS + FC init, hard tasks) from a pre-training checkpoint."""
         from mtl_edge.train.config import TrainConfig, load_config
-        from mtl_edge.train.meta_train import meta_train
 
         cfg = load_config(TrainConfig, recipe, overrides)
+        from mtl_edge.train.meta_train import meta_train
+
         result = meta_train(cfg, out, init=pretrained, resume=resume, source=str(recipe))
         _print(result, as_json)
 
