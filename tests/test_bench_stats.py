@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +81,39 @@ def test_budget_rejects_bad_values() -> None:
         TimingBudget(min_runs=0)
     with pytest.raises(ConfigError):
         TimingBudget(min_time_s=-1)
+
+
+def test_flops_counters_agree_on_a_known_model(tmp_path: Path) -> None:
+    """Conv 3->4 (3x3, pad 1) on 8x8 = 256 outputs x 27 MACs, then linear 4->2 = 8 MACs."""
+    torch = pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mtl_edge.bench.machine import onnx_flops_per_image, torch_flops_per_image
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+    expected = 2.0 * (256 * 27 + 8)
+    assert torch_flops_per_image(model, (3, 8, 8)) == expected
+
+    w = numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "w")
+    fc = numpy_helper.from_array(np.zeros((4, 2), np.float32), "fc")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("MatMul", ["f", "fc"], ["y"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        [w, fc],
+    )
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert onnx_flops_per_image(str(path), (3, 8, 8)) == expected
