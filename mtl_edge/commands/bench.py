@@ -58,11 +58,17 @@ def _json_object(text: str, option: str) -> dict[str, Any]:
     return value
 
 
-def _timing(min_time: float, min_runs: int, warmup: float, warmup_runs: int) -> Any:
+def _timing(
+    min_time: float, min_runs: int, warmup: float, warmup_runs: int, max_runs: int = 100_000
+) -> Any:
     from mtl_edge.bench.timing import TimingBudget
 
     return TimingBudget(
-        warmup_s=warmup, warmup_runs=warmup_runs, min_time_s=min_time, min_runs=min_runs
+        warmup_s=warmup,
+        warmup_runs=warmup_runs,
+        min_time_s=min_time,
+        min_runs=min_runs,
+        max_runs=max(max_runs, min_runs),
     )
 
 
@@ -94,6 +100,9 @@ def register(app: typer.Typer, name: str) -> None:
         threads: int | None = typer.Option(None, "--threads", help="Intra-op threads."),
         min_time: float = typer.Option(3.0, "--min-time", help="Seconds of timing per setting."),
         min_runs: int = typer.Option(100, "--min-runs", help="Timed runs per setting."),
+        max_runs: int = typer.Option(
+            100_000, "--max-runs", help="Stop a setting here even before --min-time."
+        ),
         warmup: float = typer.Option(0.2, "--warmup", help="Warm-up seconds per setting."),
         warmup_runs: int = typer.Option(10, "--warmup-runs"),
         rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds per batch size."),
@@ -118,7 +127,7 @@ def register(app: typer.Typer, name: str) -> None:
             precisions=lat.parse_list(precisions, "--precisions"),
             batch_sizes=lat.parse_ints(batch_sizes, "--batch-sizes"),
             threads=threads,
-            budget=_timing(min_time, min_runs, warmup, warmup_runs),
+            budget=_timing(min_time, min_runs, warmup, warmup_runs, max_runs),
             rounds=rounds,
             calib=calib,
             measure_peak=not no_peak,
