@@ -28,8 +28,6 @@ from mtl_edge.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "mtl-edge.checkpoint"
-CHECKPOINT_VERSION = 1
 FOLD_TOL = 1e-4
 #: Variants `check_bundle` compares with fp32: smallest per-image cosine accepted.
 CHECK_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98, "int8-cpu": 0.98}
@@ -80,34 +78,19 @@ class ExportOptions:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a checkpoint's outer structure (not yet its weights).
+    """Load a checkpoint and check that it describes a backbone (not yet its weights).
+
+    The training stack's reader checks file, format, version and required keys; this adds
+    the types export relies on.
 
     Raises:
-        MtlEdgeError: missing file, not a torch file, not an mtl-edge backbone checkpoint.
+        MtlEdgeError: missing file, not a torch file, not an mtl-edge checkpoint, another
+            version, or no backbone description.
     """
-    import torch
+    from mtl_edge.train.checkpoint import read_checkpoint as read_training_checkpoint
 
     path = Path(path)
-    if not path.is_file():
-        raise MtlEdgeError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle/zip errors of every kind
-        first = (str(e).strip().splitlines() or [""])[0][:120]
-        raise MtlEdgeError(
-            f"{path}: not a readable checkpoint ({type(e).__name__}: {first}); pass a file "
-            "written by `mtl-edge train`"
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MtlEdgeError(
-            f"{path}: not an mtl-edge checkpoint (no format {CHECKPOINT_FORMAT!r}); pass a "
-            "file written by `mtl-edge train`"
-        )
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise MtlEdgeError(
-            f"{path}: checkpoint version {ckpt.get('version')!r}, this mtl-edge reads "
-            f"{CHECKPOINT_VERSION}; export it with the mtl-edge version that trained it"
-        )
+    ckpt = read_training_checkpoint(path)
     for key, kind in (("model", str), ("state_dict", dict), ("preprocess", dict)):
         if not isinstance(ckpt.get(key), kind):
             raise MtlEdgeError(
