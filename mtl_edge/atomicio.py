@@ -21,6 +21,18 @@ from typing import IO, Any
 from mtl_edge.errors import MtlEdgeError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publishable(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give the final file the usual umask mode so a
+    bundle or gallery copied to another user or device stays readable."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def fsync_dir(path: Path) -> None:
     """Flush a directory entry so that a rename inside it survives a power cut."""
     fd = os.open(path, os.O_RDONLY)
@@ -45,6 +57,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        _publishable(Path(tmp), directory=False)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
@@ -82,6 +95,7 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+        _publishable(stage, directory=True)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")

@@ -11,10 +11,11 @@ A bundle is a folder:
 
 manifest.json (schema "mtl-edge.bundle", version 1):
 
-    backbone:   {name, args, feature_dim, input_name, output_name}
+    backbone:   {name, args, feature_dim, input_name, output_name, input_shape, opset}
     preprocess: `mtl_edge.preprocess.Preprocess.to_dict()`
     head:       {steps, lr, init, normalize, weight_decay, meta_init: {weight, bias, ways} | null}
-    variants:   {variant name: {file, precision, ...}}; "fp32" is required
+    variants:   {variant name: {file, precision, target, activations, check, ...}};
+                "fp32" is required
     engines:    [{file, variant, gpu, compute_capability, tensorrt}]
     provenance: {checkpoint_sha256, dataset, split_fingerprint, seed, commit, created, ...}
     metrics:    {...}; parity: {...}; quantization: {...} (free-form reports from export)

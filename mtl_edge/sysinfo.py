@@ -32,7 +32,8 @@ INTERESTING_FLAGS = (
 
 def cpu_info() -> dict[str, Any]:
     """CPU model, logical cores usable by this process and the flags that matter."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model = platform.processor() or platform.machine()
+    flags: set[str] = set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text(errors="replace").splitlines():

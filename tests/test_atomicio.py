@@ -62,3 +62,17 @@ def test_lock_excludes_another_process(tmp_path: Path) -> None:
         proc.join()
     with file_lock(tmp_path / "g.lock", timeout_s=1):
         pass
+
+
+def test_published_files_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "f.json", {})
+        with staged_dir(tmp_path / "d") as stage:
+            (stage / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
