@@ -391,8 +391,8 @@ def test_gpu_scripts_send_unpack_in_several_calls(tmp_path: Path) -> None:
     assert bad.returncode != 0 and tar.name in bad.stderr and "sha256" in bad.stderr
 
 
-def test_gpu_scripts_pack_and_restore(tmp_path: Path) -> None:
-    run, out = tmp_path / "run", tmp_path / "out"
+def _pack_fixture(run: Path, meta_done: bool) -> Path:
+    """A run: pretrain finished in an earlier call; meta wrote three checkpoints in this one."""
     (run / "pretrain").mkdir(parents=True)
     (run / "meta").mkdir()
     big = os.urandom(3 * 2**20)
@@ -401,26 +401,44 @@ def test_gpu_scripts_pack_and_restore(tmp_path: Path) -> None:
         (run / rel).write_bytes(data)
         os.utime(run / rel, (when, when))
 
-    put("pretrain/last.pt", big, 1000)  # came back with an earlier call
+    put("pretrain/last.pt", big, 1000)
     put("pretrain/done.json", b'{"outputs": {"checkpoint": "pretrain/last.pt"}}', 1000)
     put("meta/epoch1.pt", big, 3000)
-    put("meta/epoch2.pt", big, 3001)
-    put("meta/best.pt", big, 3002)
+    put("meta/best.pt", big, 3001)
+    put("meta/last.pt", big, 3002)
     put("meta/metrics.jsonl", b'{"step": 1}\n', 3000)
     put("stages.json", b"{}", 3000)
-    since = tmp_path / "since"
+    if meta_done:
+        put("meta/done.json", b'{"outputs": {"checkpoint": "meta/best.pt"}}', 3003)
+    since = run.parent / "since"
     since.touch()
     os.utime(since, (2000, 2000))
-    env = {"OUT": str(out), "PYTHON": sys.executable}
+    return since
+
+
+@pytest.mark.parametrize(
+    ("meta_done", "sent"),
+    [
+        (True, ["meta/best.pt", "meta/done.json"]),
+        (False, ["meta/best.pt", "meta/last.pt"]),
+    ],
+    ids=["finished-stage", "unfinished-stage"],
+)
+def test_gpu_scripts_pack_and_restore(tmp_path: Path, meta_done: bool, sent: list[str]) -> None:
+    run, out = tmp_path / "run", tmp_path / "out"
+    since = _pack_fixture(run, meta_done)
+    # Results of at most 7 x 1 MiB: room for two of the three 3 MiB checkpoints.
+    env = {"OUT": str(out), "PYTHON": sys.executable, "PART_MIB": "1", "MAX_PARTS": "7"}
     packed = _sh("scripts/gpu/run_stage.sh", "pack", str(run), str(since), env=env)
     assert packed.returncode == 0, packed.stderr
-    assert (out / "MANIFEST").is_file() and len(list(out.glob("run-*.tar.part*"))) == 1
+    assert ("epoch1.pt does not fit" in packed.stderr) is (not meta_done)
+    assert (out / "MANIFEST").is_file() and len(list(out.glob("run-*.tar.part*"))) <= 7
     restored = tmp_path / "restored"
     got = _sh("scripts/gpu/restore.sh", str(out), str(restored), env=env)
     assert got.returncode == 0, got.stderr
     files = sorted(str(p.relative_to(restored)) for p in restored.rglob("*") if p.is_file())
-    assert files == ["meta/best.pt", "meta/metrics.jsonl", "pretrain/done.json", "stages.json"]
-    assert (restored / "meta" / "best.pt").read_bytes() == big
+    assert files == sorted([*sent, "meta/metrics.jsonl", "pretrain/done.json", "stages.json"])
+    assert (restored / "meta" / "best.pt").read_bytes() == (run / "meta" / "best.pt").read_bytes()
     part = next(out.glob("run-*.tar.part*"))
     part.write_bytes(part.read_bytes()[:-10] + b"0" * 10)
     refused = _sh("scripts/gpu/restore.sh", str(out), str(tmp_path / "again"), env=env)
@@ -497,26 +515,9 @@ def _conv4_checkpoint(path: Path, config: dict) -> Path:
 
 
 @pytest.mark.slow
-def test_metatest_and_export_stages_on_a_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    from mtl_edge.export.api import default_model_factory, read_checkpoint
+def test_metatest_and_export_stages_on_a_checkpoint(tmp_path: Path) -> None:
     from mtl_edge.train import pipeline
-
-    def stand_in_loader(path: Path):  # the training stack's load_checkpoint is not written yet
-        ckpt = read_checkpoint(path)
-        model = default_model_factory(ckpt["model"], ckpt["model_args"], ckpt["state_dict"])
-        model.load_state_dict(ckpt["state_dict"])
-        return model, ckpt
-
-    real_api = pipeline._api
-    monkeypatch.setattr(
-        pipeline,
-        "_api",
-        lambda stage, module, name: (
-            stand_in_loader
-            if (module, name) == ("train.checkpoint", "load_checkpoint")
-            else real_api(stage, module, name)
-        ),
-    )
+    from mtl_edge.train.checkpoint import load_checkpoint
 
     def train_stage(ctx: StageContext) -> StageResult:
         _conv4_checkpoint(ctx.dir / "best.pt", ctx.recipe.training)
@@ -543,7 +544,7 @@ def test_metatest_and_export_stages_on_a_checkpoint(tmp_path: Path, monkeypatch)
     # Same seed, same episodes: the centroid head equals a direct meta_test on the same split.
     from mtl_edge.train.metatest import meta_test
 
-    model, _ = stand_in_loader(tmp_path / "run" / "meta" / "best.pt")
+    model = load_checkpoint(tmp_path / "run" / "meta" / "best.pt").model
     split = open_split(
         "synthetic",
         None,

@@ -740,7 +740,7 @@ def _metrics_files(ctx: StageContext) -> list[str]:
 def stage_pretrain(ctx: StageContext) -> StageResult:
     """Phase 1: the backbone as a classifier over the base classes."""
     pretrain = _api(ctx.name, "train.pretrain", "pretrain")
-    result = pretrain(ctx.recipe.training, ctx.dir, resume=ctx.resume)
+    result = pretrain(ctx.recipe.training, ctx.dir, resume=ctx.resume, source=_source(ctx))
     return _training_result(ctx, result)
 
 
@@ -748,8 +748,15 @@ def stage_meta(ctx: StageContext) -> StageResult:
     """Phase 2: SS meta-transfer (with the HT meta-batch as the recipe says)."""
     meta_train = _api(ctx.name, "train.meta_train", "meta_train")
     init = ctx.run / ctx.output("pretrain", "checkpoint")
-    result = meta_train(ctx.recipe.training, ctx.dir, init=init, resume=ctx.resume)
+    result = meta_train(
+        ctx.recipe.training, ctx.dir, init=init, resume=ctx.resume, source=_source(ctx)
+    )
     return _training_result(ctx, result)
+
+
+def _source(ctx: StageContext) -> str:
+    over = f" with --set {' '.join(ctx.recipe.overrides)}" if ctx.recipe.overrides else ""
+    return f"{ctx.recipe.path}{over}"
 
 
 def _training_result(ctx: StageContext, result: Mapping[str, Any]) -> StageResult:
@@ -777,28 +784,20 @@ def decode_cache() -> Path | None:
 
 
 def recipe_split(ctx: StageContext, split: str, color_mode: str) -> Any:
-    """Split `split` of the recipe's `[data]` table (kind, root, options)."""
-    from mtl_edge.train.datasets import open_split, reader_options
-
-    data = ctx.recipe.training.get("data")
-    if not isinstance(data, dict) or "kind" not in data:
-        raise ConfigError(f"{ctx.recipe.path}: needs a [data] table with a 'kind'")
-    options = dict(data.get("options", {}))
-    if "color_mode" in reader_options(str(data["kind"])):
-        options.setdefault("color_mode", color_mode)
-    return open_split(str(data["kind"]), data.get("root"), split, **options)
+    """Split `split` of the recipe's `[data]` table, read as the training stack reads it."""
+    from_dict = _api(ctx.name, "train.config", "from_dict")
+    train_config = _api(ctx.name, "train.config", "TrainConfig")
+    open_recipe_split = _api(ctx.name, "train.torchdata", "open_recipe_split")
+    cfg = from_dict(train_config, ctx.recipe.training, _source(ctx))
+    return open_recipe_split(cfg.data, split, color_mode)
 
 
 def load_model(ctx: StageContext, checkpoint: Path) -> tuple[Any, Any]:
-    """(model, Preprocess) of a training checkpoint, through the training stack's loader."""
-    from mtl_edge.export.api import read_checkpoint
-    from mtl_edge.preprocess import Preprocess
-
+    """(model, Preprocess) of a training checkpoint: a backbone, or the meta-transfer learner
+    (with its meta-learned FC init) of a meta checkpoint."""
     load_checkpoint = _api(ctx.name, "train.checkpoint", "load_checkpoint")
     loaded = load_checkpoint(checkpoint)
-    model = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "model", loaded)
-    preprocess = Preprocess.from_dict(read_checkpoint(checkpoint)["preprocess"])
-    return model, preprocess
+    return loaded.model, loaded.preprocess
 
 
 _FINETUNE = ("finetune", "ft")
@@ -816,7 +815,9 @@ def stage_metatest(ctx: StageContext) -> StageResult:
     from mtl_edge.train.gpu_data import DeviceDataset
 
     s = ctx.recipe.settings
-    models = {"meta": ctx.run / ctx.output("meta", "checkpoint")}
+    meta_table = ctx.recipe.training.get("meta", {})
+    main = "with_ht" if meta_table.get("hard_tasks", True) else "without_ht"
+    models = {main: ctx.run / ctx.output("meta", "checkpoint")}
     if s.with_and_without_ht:
         for label, path in ctx.previous["meta"]["outputs"].get("checkpoints", {}).items():
             models[label] = ctx.run / path

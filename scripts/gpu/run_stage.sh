@@ -25,8 +25,8 @@ CACHE="${MTL_EDGE_CACHE:-/tmp/mtl-edge-cache}"
 export MTL_EDGE_CACHE="$CACHE" # the pipeline keeps decoded splits in $CACHE/decoded
 OUT="${OUT:-$REPO/out/device}"
 STAGE_TIMEOUT_S="${STAGE_TIMEOUT_S:-540}"
-PART_MIB=15
-MAX_PARTS=7 # + MANIFEST = 8 result files
+PART_MIB="${PART_MIB:-15}"
+MAX_PARTS="${MAX_PARTS:-7}" # + MANIFEST = 8 result files
 PY="${PYTHON:-python3}"
 
 say() { echo "[run_stage $(date -u +%H:%M:%S)] $*"; }
@@ -100,31 +100,46 @@ cmd_restore() {
     "$REPO/scripts/gpu/restore.sh" "$state" "$run"
 }
 
-# Pack into tar parts: RUN's small files (markers, stages.json, metrics, logs, report, bundle
-# manifest), the files changed in this call except checkpoints, and of the checkpoints changed in
-# this call the newest of each folder plus those a done.json names. Checkpoints of stages that
-# finished in earlier calls came back with those calls.
+# Pack into tar parts, at most MAX_PARTS x PART_MIB MiB: RUN's small files (markers,
+# stages.json, metrics, logs, report, bundle manifest) and the files changed in this call except
+# checkpoints, then, while they fit, the checkpoints changed in this call: those a done.json
+# names first, then of an unfinished stage the newest of each folder (last.pt: what a resume
+# needs), then its other checkpoints. Checkpoints of earlier calls came back with those calls.
 pack_results() {
     local run="$1" since="$2" list
     mkdir -p "$OUT"
     list="$(mktemp)"
-    "$PY" - "$run" "$since" >"$list" <<'EOF2'
+    "$PY" - "$run" "$since" "$((MAX_PARTS * PART_MIB * 1048576))" >"$list" <<'EOF2'
 import json, sys
 from pathlib import Path
-run, since = Path(sys.argv[1]), Path(sys.argv[2]).stat().st_mtime
+run, since, budget = Path(sys.argv[1]), Path(sys.argv[2]).stat().st_mtime, int(sys.argv[3])
 files = [p for p in run.rglob("*") if p.is_file() and p.suffix not in (".tmp", ".npy")]
-new = [p for p in files if p.stat().st_mtime >= since]
-keep = {p for p in files if p.stat().st_size < 2**20}
-keep |= {p for p in new if p.suffix != ".pt"}
-newest = {}
-for p in new:
-    if p.suffix == ".pt" and (p.parent not in newest or p.stat().st_mtime > newest[p.parent].stat().st_mtime):
-        newest[p.parent] = p
-keep |= set(newest.values())
+new = {p for p in files if p.stat().st_mtime >= since}
+keep = {p for p in files if p.stat().st_size < 2**20} | {p for p in new if p.suffix != ".pt"}
+named = set()
 for done in run.glob("*/done.json"):
     outputs = json.loads(done.read_text()).get("outputs", {})
-    named = [outputs.get("checkpoint")] + list(dict(outputs.get("checkpoints", {})).values())
-    keep |= {run / n for n in named if n and (run / n) in set(new)}
+    paths = [outputs.get("checkpoint")] + list(dict(outputs.get("checkpoints", {})).values())
+    named |= {run / n for n in paths if n}
+def stage_done(p):
+    return (run / p.relative_to(run).parts[0] / "done.json").is_file()
+ckpts = sorted((p for p in new if p.suffix == ".pt"), key=lambda p: -p.stat().st_mtime)
+newest = {}
+for p in ckpts:
+    newest.setdefault(p.parent, p)
+order = [p for p in ckpts if p in named]
+order += [p for p in newest.values() if not stage_done(p) and p not in order]
+order += [p for p in ckpts if not stage_done(p) and p not in order]
+used = sum(p.stat().st_size for p in keep)
+for p in order:
+    if p in keep:
+        continue
+    if used + p.stat().st_size <= budget:
+        keep.add(p)
+        used += p.stat().st_size
+    else:
+        print(f"run_stage: warning: {p.relative_to(run)} does not fit the results; not sent",
+              file=sys.stderr)
 for p in sorted(keep):
     print(p.relative_to(run))
 EOF2
