@@ -684,7 +684,7 @@ def write_report(run: str | Path) -> Path:
         lines.append(
             f"| {name} | {e.get('status')} | {e.get('wall_s', 0):.1f} | "
             f"{f'{ips:.1f}' if ips else '-'} | {f'{mem / 2**20:.0f}' if mem else '-'} | "
-            f"{f'{fl / 1e12:.3f}' if fl else '-'} |"
+            f"{f'{fl / 1e12:.3g}' if fl else '-'} |"
         )
     if "matmul" in record:
         m = record["matmul"]
@@ -885,23 +885,103 @@ def stage_export(ctx: StageContext) -> StageResult:
     return StageResult({"bundle": _rel(ctx, bundle_dir), "model_id": bundle.model_id})
 
 
+def split_as_folders(split: Any, dest: Path) -> Path:
+    """Write a split as class folders `dest/<split>/<class>/<index>.<ext>` for readers that take
+    folders only (`bench accuracy`): image files as they are (hard links when possible), shard
+    blobs as their original bytes, in-memory arrays as lossless PNG. Returns `dest`.
+
+    Raises:
+        ConfigError: a split with rotated samples (their rotation would be lost).
+    """
+    import numpy as np
+    from PIL import Image
+
+    if split.rotations is not None and np.any(np.asarray(split.rotations) % 360):
+        raise ConfigError(
+            f"{split.name}: has rotated samples, which class folders cannot hold; benchmark a "
+            "split without rotations"
+        )
+    part = split.name.rstrip("/").split("/")[-1] or "test"
+    for i in range(len(split)):
+        folder = dest / part / str(split.class_names[int(split.labels[i])]).replace("/", "__")
+        folder.mkdir(parents=True, exist_ok=True)
+        if split.paths is not None:
+            src = Path(split.paths[i])
+            target = folder / f"{i:06d}{src.suffix.lower()}"
+            try:
+                os.link(src, target)
+            except OSError:
+                target.write_bytes(src.read_bytes())
+        elif split.blobs is not None:
+            blob = bytes(split.blobs[i])
+            ext = ".png" if blob[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+            (folder / f"{i:06d}{ext}").write_bytes(blob)
+        else:
+            Image.fromarray(np.asarray(split.arrays[i])).save(folder / f"{i:06d}.png")
+    return dest
+
+
 def stage_bench(ctx: StageContext) -> StageResult:
-    """onnxruntime FP32 vs INT8 on the same seeded episodes, with the paired difference."""
-    bench = _api(ctx.name, "bench.accuracy", "bench_accuracy")
+    """onnxruntime FP32 vs INT8 on the same seeded episodes, with the paired difference.
+
+    `mtl-edge bench accuracy` reads class folders: other layouts (shards, synthetic) are
+    written out as folders under RUN/bench/data first (the same image bytes)."""
+    accuracy_config = _api(ctx.name, "bench.accuracy", "AccuracyConfig")
+    run_accuracy = _api(ctx.name, "bench.accuracy", "run_accuracy")
+    import shutil
+
     s = ctx.recipe.settings
-    result = bench(
-        ctx.run / ctx.output("export", "bundle"),
-        ctx.recipe.training,
-        split=s.test_split,
-        ways=s.ways,
-        shots=list(s.shots),
+    bundle_dir = ctx.run / ctx.output("export", "bundle")
+    from mtl_edge.bundle import Bundle
+
+    preprocess = Bundle.load(bundle_dir).preprocess
+    split = recipe_split(ctx, s.test_split, preprocess.color_mode)
+    data = ctx.dir / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    split_as_folders(split, data)
+    part = split.name.rstrip("/").split("/")[-1] or "test"
+    cfg = accuracy_config(
+        bundle=bundle_dir,
+        data=data,
+        split=part,
+        ways=(s.ways,),
+        shots=tuple(s.shots),
         queries=s.queries,
         episodes=s.bench_episodes or s.episodes,
         seed=s.seed,
-        precisions=list(s.bench_precisions),
+        precisions=tuple(s.bench_precisions),
+        cache=decode_cache(),
     )
+    result = run_accuracy(cfg)
+    shutil.rmtree(data, ignore_errors=True)
     atomic_write_json(ctx.dir / "bench.json", _json_safe(result))
-    return StageResult({"accuracy": result.get("rows", [])}, int(result.get("images", 0)))
+    rows = []
+    for r in result["rows"]:
+        rows.append(
+            {
+                "model": "bundle",
+                "head": f"{result['head']} ({r['backend']})",
+                "precision": r["precision"],
+                "shots": r["shots"],
+                "mean": r["accuracy"],
+                "ci95": r["ci95"],
+                "episodes": result["episodes"],
+            }
+        )
+        if "diff_vs_reference" in r:
+            rows.append(
+                {
+                    "model": "bundle",
+                    "head": f"{result['head']} ({r['backend']})",
+                    "precision": f"{r['precision']} - {result['reference'][1]}",
+                    "shots": r["shots"],
+                    "mean": r["diff_vs_reference"],
+                    "ci95": r["diff_ci95"],
+                    "episodes": result["episodes"],
+                    "kind": "paired",
+                }
+            )
+    return StageResult({"accuracy": rows}, int(result.get("images", 0)) * len(s.bench_precisions))
 
 
 #: The default stage functions.
