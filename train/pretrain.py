@@ -119,8 +119,9 @@ def pretrain(
     """Run phase 1 into the run folder `out`.
 
     Returns:
-        {"checkpoint": best.pt, "last": last.pt, "images": training images processed,
-         "best_val": best validation accuracy (percent) or None}.
+        {"checkpoint": best.pt, "last": last.pt, "images": training images processed (all
+         ranks), "best_val": best validation accuracy (percent) or None, "rank",
+         "param_checksum": sum of the backbone's parameters (equal on every rank)}.
 
     Raises:
         ConfigError / DatasetError: bad recipe, data that cannot make the validation tasks.
@@ -310,4 +311,6 @@ def pretrain(
         "last": str(last_path),
         "images": images,
         "best_val": best if best >= 0 else None,
+        "rank": ctx.rank,
+        "param_checksum": dist_util.param_checksum(backbone),
     }
