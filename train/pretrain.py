@@ -160,7 +160,7 @@ def pretrain(
     net.to(device)
     channels_last = rt.channels_last and device.type == "cuda"
     if channels_last:
-        net.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.SGD(
         net.parameters(),
         lr=p.lr,
