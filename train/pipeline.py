@@ -537,7 +537,7 @@ def run_pipeline(
             status="done",
             wall_s=wall,
             images=result.images,
-            images_per_s=result.images / wall if wall > 0 else None,
+            images_per_s=result.images / wall if wall > 0 and result.images else None,
             peak_memory_bytes=peak,
             peak_memory_kind=peak_kind,
             train_flops=result.train_flops,
