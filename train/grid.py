@@ -255,10 +255,10 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['mean']:.1f} +- {r['ci95']:.1f}"
         )
     width = max([14] + [len(n) + 2 for n in names])
-    lines = ["setting".ljust(12) + "".join(n.rjust(width) for n in names)]
+    lines = ["setting".ljust(16) + "".join(n.rjust(width) for n in names)]
     for (n, k), row in cells.items():
         lines.append(
-            f"{n}-way {k}-shot".ljust(12) + "".join(row.get(x, "-").rjust(width) for x in names)
+            f"{n}-way {k}-shot".ljust(16) + "".join(row.get(x, "-").rjust(width) for x in names)
         )
     for s in report["skipped"]:
         lines.append(f"skipped {s['reason']}")
