@@ -43,7 +43,7 @@ def _models() -> list[GridModel]:
 def test_grid_same_episodes_skips_what_the_split_cannot_supply() -> None:
     split = _split()
     report = evaluate_grid(
-        _models(), split, ways=(2, 5, 8), shots=(1, 3, 100), episodes=3, queries=2
+        _models(), split, ways=(2, 5, 8), shots=(1, 3, 100), episodes=2, queries=2
     )
     done = {(r["ways"], r["shots"]) for r in report["results"]}
     assert done == {(2, 1), (2, 3), (5, 1), (5, 3)}
@@ -52,9 +52,9 @@ def test_grid_same_episodes_skips_what_the_split_cannot_supply() -> None:
     assert "8-way 1-shot" in reasons[(8, 1)] and "6 classes" in reasons[(8, 1)]
     assert "2-way 100-shot" in reasons[(2, 100)] and "102" in reasons[(2, 100)]
     for r in report["results"]:
-        assert 0.0 <= r["mean"] <= 100.0 and r["ci95"] >= 0.0 and r["episodes"] == 3
+        assert 0.0 <= r["mean"] <= 100.0 and r["ci95"] >= 0.0 and r["episodes"] == 2
     again = evaluate_grid(
-        _models(), split, ways=(2, 5, 8), shots=(1, 3, 100), episodes=3, queries=2
+        _models(), split, ways=(2, 5, 8), shots=(1, 3, 100), episodes=2, queries=2
     )
     assert again["results"] == report["results"]
     table = format_table(report)
