@@ -15,6 +15,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _plain_formatter() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _pos: f"{v:g}")
+
+
 def plot_latency(report: dict[str, Any], path: Path) -> Path:
     """Median latency per image (ms, log scale) against batch size, one line per setting."""
     plt = _pyplot()
@@ -23,8 +29,17 @@ def plot_latency(report: dict[str, Any], path: Path) -> Path:
         batches = [b["batch"] for b in s["batches"]]
         per_image = [b["median_ms"] / b["batch"] for b in s["batches"]]
         ax.plot(batches, per_image, marker="o", label=f"{s['backend']} {s['precision']}")
+    from matplotlib.ticker import NullLocator
+
     ax.set_xscale("log")
     ax.set_yscale("log")
+    sizes = sorted(
+        {b["batch"] for s in report["results"].get("settings", []) for b in s["batches"]}
+    )
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(_plain_formatter())
+    ax.yaxis.set_minor_formatter(_plain_formatter())
     ax.set_xlabel("batch size")
     ax.set_ylabel("median ms per image")
     ax.set_title("Latency per image vs batch size")
