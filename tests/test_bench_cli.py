@@ -58,6 +58,7 @@ def test_latency_on_a_bundle_lists_torch_as_skipped(bundle: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_latency_random_model_has_torch_reference_and_peak(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
     out = tmp_path / "lat"
     res = run(
         "latency", "--random", "--backbone", "conv4", "--backbone-args", '{"width": 4}',
