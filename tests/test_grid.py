@@ -118,7 +118,7 @@ def test_grid_cli_on_trained_checkpoints(tmp_path: Path, capsys) -> None:
         "joint.ways=3",
         "joint.shots=2",
         "joint.meta_batch=2",
-        "joint.inner_steps=1",
+        "joint.inner_steps=2",
         "train.iterations=2",
     ]
     ckpts = []

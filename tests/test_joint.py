@@ -196,6 +196,8 @@ def test_beta_outside_unit_interval_is_a_config_error(beta: float) -> None:
 def test_bad_options_and_data() -> None:
     with pytest.raises(ConfigError, match="joint.meta"):
         JointConfig(meta="protonet").validate()
+    with pytest.raises(ConfigError, match="Reptile needs >= 2"):
+        JointConfig(inner_steps=1).validate()
     with pytest.raises(ConfigError, match="queries"):
         JointConfig(meta="maml", queries=0).validate()
     learner = _learner(JointConfig(), n_classes=6)

@@ -33,7 +33,7 @@ ways = 3
 shots = 2
 queries = 1
 meta_batch = 2
-inner_steps = 1
+inner_steps = 2
 
 [train]
 iterations = 3

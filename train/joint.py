@@ -91,6 +91,11 @@ class JointConfig:
         for key in ("ways", "shots", "meta_batch", "inner_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"joint.{key}={getattr(self, key)}: must be >= 1")
+        if self.meta == "reptile" and self.inner_steps < 2:
+            raise ConfigError(
+                f"joint.inner_steps={self.inner_steps}: Reptile needs >= 2 (the task head starts "
+                "at zero, so the first step moves only the head and theta_i - theta would be 0)"
+            )
         if self.meta == "maml" and self.queries < 1:
             raise ConfigError(f"joint.queries={self.queries}: MAML needs >= 1 query per class")
         for key in ("inner_lr", "outer_lr", "transfer_lr"):
