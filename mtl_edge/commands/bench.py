@@ -152,7 +152,7 @@ def register(app: typer.Typer, name: str) -> None:
         episodes: int = typer.Option(2000, "--episodes"),
         backends: str = typer.Option("onnxruntime", "--backends"),
         precisions: str = typer.Option("fp32,int8-cpu", "--precisions"),
-        head: str = typer.Option("centroid", "--head", help="centroid or fc (bundle recipe)."),
+        head: str = typer.Option("fc", "--head", help="fc (the bundle head recipe) or centroid."),
         seed: int = typer.Option(0, "--seed", help="Seed of the episode list."),
         threads: int | None = typer.Option(None, "--threads"),
         cache: Path | None = typer.Option(None, "--cache", help="Folder for feature .npy."),
