@@ -104,38 +104,60 @@ def extract_features(
     split: ImageSplit,
     indices: np.ndarray,
     bundle: Bundle,
-    backend: str,
-    precision: str,
+    pairs: Sequence[tuple[str, str]],
     cfg: AccuracyConfig,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Features of split samples `indices` (shape (M,)) -> (M, D) float32, and the extractor's
-    provider/variant. Read from / written to the cache when `cfg.cache` is set."""
+) -> tuple[dict[tuple[str, str], np.ndarray], dict[tuple[str, str], dict[str, Any]], list]:
+    """Features of split samples `indices` (shape (M,)) for every (backend, precision).
+
+    Each image is decoded and preprocessed once and fed to every extractor that has no cached
+    features (read from / written to `cfg.cache` when set).
+
+    Returns:
+        (features {pair: (M, D) float32}, info {pair: provider, variant, cached},
+        skipped [{backend, precision, reason}] for pairs whose extractor could not be made).
+    """
     from mtl_edge.backends.select import create_backend
     from mtl_edge.preprocess import preprocess_image
 
-    extractor = create_backend(
-        backend, bundle, precision, threads=cfg.threads, batch_size=cfg.batch_size
-    )
-    meta = {"provider": extractor.provider, "variant": extractor.precision}
     key = hashlib.sha256(split.fingerprint().encode() + indices.tobytes()).hexdigest()
-    path = None
-    if cfg.cache is not None:
-        path = _cache_path(cfg.cache, bundle, backend, extractor.precision, key)
-        if path.is_file():
-            log.info("features of %s %s from %s", backend, precision, path)
-            return np.load(path, allow_pickle=False), {**meta, "cached": True}
+    feats: dict[tuple[str, str], np.ndarray] = {}
+    info: dict[tuple[str, str], dict[str, Any]] = {}
+    skipped: list[dict[str, str]] = []
+    pending: dict[tuple[str, str], tuple[Any, Path | None]] = {}
+    for backend, precision in pairs:
+        try:
+            extractor = create_backend(
+                backend, bundle, precision, threads=cfg.threads, batch_size=cfg.batch_size
+            )
+        except MtlEdgeError as e:
+            log.warning("skipped %s %s: %s", backend, precision, e)
+            skipped.append({"backend": backend, "precision": precision, "reason": str(e)})
+            continue
+        meta = {"provider": extractor.provider, "variant": extractor.precision}
+        path = None
+        if cfg.cache is not None:
+            path = _cache_path(cfg.cache, bundle, backend, extractor.precision, key)
+            if path.is_file():
+                log.info("features of %s %s from %s", backend, precision, path)
+                feats[(backend, precision)] = np.load(path, allow_pickle=False)
+                info[(backend, precision)] = {**meta, "cached": True}
+                continue
+        info[(backend, precision)] = {**meta, "cached": False}
+        pending[(backend, precision)] = (extractor, path)
+    chunks: dict[tuple[str, str], list[np.ndarray]] = {k: [] for k in pending}
     pre = bundle.preprocess
-    chunks = []
-    for start in range(0, len(indices), cfg.batch_size):
+    for start in range(0, len(indices) if pending else 0, cfg.batch_size):
         batch = indices[start : start + cfg.batch_size]
         x = np.stack([preprocess_image(split.image(int(i)), pre) for i in batch])
-        chunks.append(extractor.extract(x).astype(np.float32))
-    feats = np.concatenate(chunks)
-    if path is not None:
-        buf = io.BytesIO()
-        np.save(buf, feats, allow_pickle=False)
-        atomic_write_bytes(path, buf.getvalue())
-    return feats, {**meta, "cached": False}
+        for k, (extractor, _) in pending.items():
+            chunks[k].append(extractor.extract(x).astype(np.float32))
+    for k, (_, path) in pending.items():
+        feats[k] = np.concatenate(chunks[k])
+        if path is not None:
+            buf = io.BytesIO()
+            np.save(buf, feats[k], allow_pickle=False)
+            atomic_write_bytes(path, buf.getvalue())
+    return feats, info, skipped
 
 
 def episode_accuracy(feats: np.ndarray, episode: Episode, head: str, bundle: Bundle) -> float:
@@ -194,24 +216,18 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     log.info(
         "%d images needed by %d settings x %d episodes", len(indices), len(episodes), cfg.episodes
     )
+    pairs = [(b, p) for b in cfg.backends for p in cfg.precisions]
+    features, info, skipped = extract_features(split, indices, bundle, pairs, cfg)
     per_episode: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
-    info: dict[tuple[str, str], dict[str, Any]] = {}
-    skipped: list[dict[str, str]] = []
-    for backend in cfg.backends:
-        for precision in cfg.precisions:
-            try:
-                feats, meta = extract_features(split, indices, bundle, backend, precision, cfg)
-            except MtlEdgeError as e:
-                log.warning("skipped %s %s: %s", backend, precision, e)
-                skipped.append({"backend": backend, "precision": precision, "reason": str(e)})
-                continue
-            table = np.zeros((len(split), feats.shape[1]), dtype=np.float32)
-            table[indices] = feats
-            info[(backend, precision)] = meta
-            per_episode[(backend, precision)] = {
-                setting: np.array([episode_accuracy(table, e, cfg.head, bundle) for e in eps])
-                for setting, eps in episodes.items()
-            }
+    for pair in pairs:
+        if pair not in features:
+            continue
+        table = np.zeros((len(split), features[pair].shape[1]), dtype=np.float32)
+        table[indices] = features[pair]
+        per_episode[pair] = {
+            setting: np.array([episode_accuracy(table, e, cfg.head, bundle) for e in eps])
+            for setting, eps in episodes.items()
+        }
     if not per_episode:
         raise ConfigError(
             "bench accuracy: no backend could run: "

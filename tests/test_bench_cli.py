@@ -153,3 +153,17 @@ def test_only_unavailable_backends_is_one_line(bundle: Path) -> None:
     assert res.returncode != 0
     assert "no backend could run" in res.stderr and "tensorrt" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_accuracy_lists_a_missing_variant_as_skipped(bundle: Path, tmp_path: Path) -> None:
+    data = make_class_folders(tmp_path / "data" / "test", ("red", "green"), per_class=3)
+    res = run(
+        "accuracy", "--bundle", bundle, "--data", data.parent, "--ways", "2", "--shots", "1",
+        "--queries", "1", "--episodes", "2", "--precisions", "fp32,fp16", "--head", "centroid",
+        "--out", tmp_path / "a", "--json",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)["results"]
+    assert {r["precision"] for r in doc["rows"]} == {"fp32"}
+    (skip,) = doc["skipped"]
+    assert skip["precision"] == "fp16" and "fp16" in skip["reason"]
