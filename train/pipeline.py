@@ -677,7 +677,9 @@ def write_report(run: str | Path) -> Path:
         "| stage | status | wall (s) | images/s | peak memory (MiB) | achieved TFLOP/s |",
         "|---|---|---|---|---|---|",
     ]
-    for name, e in record.get("stages", {}).items():
+    stages = record.get("stages", {})
+    for name in sorted(stages, key=lambda n: STAGES.index(n) if n in STAGES else len(STAGES)):
+        e = stages[name]
         ips = e.get("images_per_s")
         mem = e.get("peak_memory_bytes")
         fl = e.get("achieved_flops_per_s")

@@ -15,8 +15,12 @@ from mtl_edge.errors import ConfigError
 
 
 def _summary(record: dict) -> list[str]:
+    from mtl_edge.train.pipeline import STAGES
+
     lines = []
-    for name, e in record.get("stages", {}).items():
+    stages = record.get("stages", {})
+    for name in [s for s in STAGES if s in stages]:
+        e = stages[name]
         ips = e.get("images_per_s")
         extra = f", {ips:.1f} images/s" if ips else ""
         lines.append(f"{name}: {e.get('status')} in {e.get('wall_s', 0):.1f} s{extra}")
