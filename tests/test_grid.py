@@ -161,3 +161,21 @@ def test_feature_heads_and_an_ss_checkpoint_default_to_the_fc_base_learner(tmp_p
     report = evaluate_grid([loaded, logreg], _split(), ways=(3,), shots=(2,), episodes=2, queries=2)
     assert [r["model"] for r in report["results"]] == ["mtl", "logreg"]
     assert all(0.0 <= r["mean"] <= 100.0 for r in report["results"])
+
+
+def test_evaluate_grid_command_defaults_to_the_paper_grid(monkeypatch, tmp_path) -> None:
+    """`mtl-edge train evaluate --grid` asks for 5/20/35-way x 1/5/100-shot unless told."""
+    import mtl_edge.train.grid as grid_module
+    from mtl_edge import cli
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        grid_module, "evaluate_grid_cli", lambda *a, **k: calls.append((a, k)) or {}
+    )
+    args = ["train", "evaluate", "--grid", "--checkpoint", str(tmp_path / "c.pt"), "--queries", "7"]
+    with pytest.raises(SystemExit) as info:
+        cli.main(args)
+    assert info.value.code == 0
+    ((positional, keywords),) = calls
+    assert list(positional[4]) == [5, 20, 35] and list(positional[5]) == [1, 5, 100]
+    assert keywords["queries"] == 7

@@ -142,8 +142,12 @@ def register(app: typer.Typer, name: str) -> None:
     @train_app.command("evaluate")
     def evaluate_cmd(
         checkpoint: list[Path] = typer.Option(..., "--checkpoint", help="A training checkpoint."),
-        ways: str = typer.Option("5", "--ways", help="N (comma list with --grid)."),
-        shots: str = typer.Option("1,5", "--shots", help="K values, comma separated."),
+        ways: str | None = typer.Option(
+            None, "--ways", help="N (default 5; with --grid a comma list, default 5,20,35)."
+        ),
+        shots: str | None = typer.Option(
+            None, "--shots", help="K values, comma separated (default 1,5; --grid: 1,5,100)."
+        ),
         episodes: int = typer.Option(600, "--episodes", help="Test episodes per setting."),
         queries: int = typer.Option(15, "--queries", help="Queries per class."),
         heads: str = typer.Option(
@@ -160,8 +164,8 @@ def register(app: typer.Typer, name: str) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Meta-test a checkpoint: mean +- 95% interval per head and shot count."""
-        ways_list = _ints(ways, "--ways")
-        shots_list = _ints(shots, "--shots")
+        ways_list = _ints(ways or ("5,20,35" if grid else "5"), "--ways")
+        shots_list = _ints(shots or ("1,5,100" if grid else "1,5"), "--shots")
         if grid:
             try:
                 grid_mod = importlib.import_module("mtl_edge.train.grid")
@@ -179,6 +183,7 @@ def register(app: typer.Typer, name: str) -> None:
                 episodes,
                 seed,
                 as_json,
+                queries=queries,
             )
             return
         if len(checkpoint) != 1 or len(ways_list) != 1:
