@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mtl_edge import sysinfo
 from mtl_edge.atomicio import sha256_file
 from mtl_edge.bundle import Bundle, HeadRecipe, write_bundle
 from mtl_edge.data.split import ImageSplit
@@ -244,21 +244,6 @@ def config_train_split(ckpt: dict[str, Any], color_mode: str) -> ImageSplit | No
 # Export
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     import io
 
@@ -364,7 +349,7 @@ def _provenance(path: Path, ckpt: dict[str, Any], seed: int) -> dict[str, Any]:
         "training_seed": _find(config, "seed"),
         "export_seed": seed,
         "commit": ckpt.get("commit") or _find(config, "commit"),
-        "export_commit": _git_commit(),
+        "export_commit": sysinfo.git_commit(),
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": {
             "torch": torch.__version__,

@@ -63,6 +63,22 @@ def _version(module: str) -> tuple[str | None, str | None]:
     return str(getattr(mod, "__version__", "unknown")), None
 
 
+def git_commit() -> str | None:
+    """The commit of the source tree mtl-edge runs from, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def gpu_info() -> list[dict[str, str]]:
     """GPUs as reported by nvidia-smi (name, driver, memory, compute capability), or []."""
     if shutil.which("nvidia-smi") is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +36,7 @@ METRICS_FILE = "metrics.jsonl"
 
 def git_commit() -> str:
     """The commit of the source tree this module runs from, or "unknown"."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+    return sysinfo.git_commit() or "unknown"
 
 
 def seed_everything(seed: int) -> None:
