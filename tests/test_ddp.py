@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from tiny_recipe import tiny_recipe
 
 from mtl_edge.train.checkpoint import read_checkpoint
 
-RECIPE = {
-    "data": {
-        "kind": "synthetic",
-        "options": {
-            "size": 16,
-            "per_class": 12,
-            "train_classes": 6,
-            "val_classes": 5,
-            "test_classes": 5,
-        },
-    },
-    "model": {"backbone": "conv4", "args": {"width": 8}, "preprocess": {"size": 16}},
-    "pretrain": {"epochs": 2, "batch_size": 8, "lr": 0.1, "val_episodes": 0},
-    "runtime": {"threads": 1},
-}
+RECIPE = tiny_recipe(pretrain={"epochs": 2, "batch_size": 8, "lr": 0.1, "val_episodes": 0})
 
 
 def _free_port() -> int:

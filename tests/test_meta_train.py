@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_recipe import tiny_recipe
 
 from mtl_edge.errors import ConfigError
 from mtl_edge.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
@@ -17,34 +18,22 @@ from mtl_edge.train.pretrain import pretrain
 
 
 def tiny(**meta: Any) -> dict[str, Any]:
-    return {
-        "data": {
-            "kind": "synthetic",
-            "options": {
-                "size": 16,
-                "per_class": 12,
-                "train_classes": 6,
-                "val_classes": 5,
-                "test_classes": 5,
-            },
-        },
-        "model": {"backbone": "conv4", "args": {"width": 8}, "preprocess": {"size": 16}},
-        "pretrain": {"epochs": 1, "batch_size": 16, "val_episodes": 0},
-        "meta": {
-            "iterations": 6,
-            "epoch_length": 3,
-            "meta_batch": 2,
-            "shots": 1,
-            "queries": 3,
-            "inner_steps": 3,
-            "test_steps": 5,
-            "val_episodes": 4,
-            "lr_step": 1,
-        }
-        | meta,
-        "hard_tasks": {"count": 1},
-        "runtime": {"threads": 1},
+    base = {
+        "iterations": 6,
+        "epoch_length": 3,
+        "meta_batch": 2,
+        "shots": 1,
+        "queries": 3,
+        "inner_steps": 3,
+        "test_steps": 5,
+        "val_episodes": 4,
+        "lr_step": 1,
     }
+    return tiny_recipe(
+        pretrain={"epochs": 1, "batch_size": 16, "val_episodes": 0},
+        meta=base | meta,
+        hard_tasks={"count": 1},
+    )
 
 
 @pytest.fixture(scope="module")

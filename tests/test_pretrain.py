@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_recipe import tiny_recipe
 
 from mtl_edge.errors import ConfigError
 from mtl_edge.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -17,22 +18,8 @@ from mtl_edge.train.pretrain import lr_factor, pretrain
 
 
 def tiny(**pretrain: Any) -> dict[str, Any]:
-    return {
-        "data": {
-            "kind": "synthetic",
-            "options": {
-                "size": 16,
-                "per_class": 12,
-                "train_classes": 6,
-                "val_classes": 5,
-                "test_classes": 5,
-            },
-        },
-        "model": {"backbone": "conv4", "args": {"width": 8}, "preprocess": {"size": 16}},
-        "pretrain": {"epochs": 2, "batch_size": 16, "lr": 0.05, "val_episodes": 5, "val_queries": 5}
-        | pretrain,
-        "runtime": {"threads": 1},
-    }
+    base = {"epochs": 2, "batch_size": 16, "lr": 0.05, "val_episodes": 5, "val_queries": 5}
+    return tiny_recipe(pretrain=base | pretrain)
 
 
 def test_pretrain_writes_run_and_resumes(tmp_path: Path) -> None:
