@@ -38,6 +38,7 @@ import numpy as np
 
 from mtl_edge.atomicio import atomic_write_json, sha256_file, staged_dir
 from mtl_edge.errors import BundleError
+from mtl_edge.jsonfile import read_json_document
 from mtl_edge.preprocess import Preprocess
 
 BUNDLE_SCHEMA = "mtl-edge.bundle"
@@ -95,21 +96,16 @@ class Bundle:
         if not root.is_dir():
             raise BundleError(f"{root}: no such bundle folder; export one with `mtl-edge export`")
         path = root / MANIFEST
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise BundleError(
-                f"{path}: missing; the bundle is incomplete, export it again"
-            ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path}: not valid JSON ({e}); export the bundle again") from None
-        if not isinstance(manifest, dict) or manifest.get("schema") != BUNDLE_SCHEMA:
-            raise BundleError(f"{path}: not an mtl-edge bundle manifest")
-        if manifest.get("schema_version") != BUNDLE_VERSION:
-            raise BundleError(
-                f"{path}: schema version {manifest.get('schema_version')}, this mtl-edge reads "
-                f"{BUNDLE_VERSION}; re-export with this version"
-            )
+        manifest = read_json_document(
+            path,
+            BundleError,
+            what="bundle manifest",
+            schema=BUNDLE_SCHEMA,
+            version=BUNDLE_VERSION,
+            version_key="schema_version",
+            missing="missing; the bundle is incomplete, export it again",
+            fix="export the bundle again",
+        )
         missing = [k for k in REQUIRED_KEYS if k not in manifest]
         if missing:
             raise BundleError(f"{path}: missing keys {missing}; export the bundle again")

@@ -71,10 +71,10 @@ def test_errors_name_the_short_class_and_the_split() -> None:
 
 
 def test_bad_episode_files(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="no such episode file"):
+    with pytest.raises(DatasetError, match="no such episode file; write one with"):
         load_episodes(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(DatasetError, match="not a valid episode JSON"):
+    with pytest.raises(DatasetError, match="bad.json: not valid JSON .*mtl-edge data episodes"):
         load_episodes(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text('{"schema": "something-else"}')
     with pytest.raises(DatasetError, match="not an mtl-edge episode file"):

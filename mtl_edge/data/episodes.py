@@ -7,7 +7,6 @@ and a fixed list can be saved once and shared.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from mtl_edge.atomicio import atomic_write_json
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import DatasetError
+from mtl_edge.jsonfile import read_json_document
 
 EPISODES_SCHEMA = "mtl-edge.episodes"
 EPISODES_VERSION = 1
@@ -172,19 +172,15 @@ def save_episodes(path: str | Path, episodes: Sequence[Episode], meta: dict[str,
 def load_episodes(path: str | Path) -> tuple[list[Episode], dict[str, Any]]:
     """Read an episode list written by `save_episodes`. Returns (episodes, meta)."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such episode file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not a valid episode JSON file ({e})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != EPISODES_SCHEMA:
-        raise DatasetError(f"{path}: not an mtl-edge episode file (schema {EPISODES_SCHEMA})")
-    if doc.get("version") != EPISODES_VERSION:
-        raise DatasetError(
-            f"{path}: episode file version {doc.get('version')}, this mtl-edge reads "
-            f"{EPISODES_VERSION}"
-        )
+    doc = read_json_document(
+        path,
+        DatasetError,
+        what="episode file",
+        schema=EPISODES_SCHEMA,
+        version=EPISODES_VERSION,
+        missing="no such episode file; write one with `mtl-edge data episodes --out`",
+        fix="write it again with `mtl-edge data episodes --out`",
+    )
     try:
         return [Episode.from_json(e) for e in doc["episodes"]], dict(doc.get("meta", {}))
     except (KeyError, TypeError, ValueError) as e:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import tarfile
 from pathlib import Path
@@ -31,6 +30,7 @@ from PIL import Image
 from mtl_edge.atomicio import atomic_write_json, sha256_file, staged_dir
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import DatasetError
+from mtl_edge.jsonfile import read_json_document
 from mtl_edge.preprocess import DEFAULT_MAX_PIXELS
 
 SHARDS_SCHEMA = "mtl-edge.shards"
@@ -154,19 +154,15 @@ def pack_split(
 def read_index(folder: str | Path) -> dict[str, Any]:
     """Load and check `<folder>/index.json`."""
     path = Path(folder) / INDEX
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file; pass a folder written by `data pack`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e}); re-pack the split") from None
-    if not isinstance(index, dict) or index.get("schema") != SHARDS_SCHEMA:
-        raise DatasetError(f"{path}: not an mtl-edge shard index (schema {SHARDS_SCHEMA})")
-    if index.get("version") != SHARDS_VERSION:
-        raise DatasetError(
-            f"{path}: shard index version {index.get('version')}, this mtl-edge reads "
-            f"{SHARDS_VERSION}; re-pack the split"
-        )
+    index = read_json_document(
+        path,
+        DatasetError,
+        what="shard index",
+        schema=SHARDS_SCHEMA,
+        version=SHARDS_VERSION,
+        missing="no such file; pass a folder written by `data pack`",
+        fix="re-pack the split",
+    )
     for key in ("class_names", "shards", "num_samples"):
         if key not in index:
             raise DatasetError(f"{path}: has no {key!r}; re-pack the split")
