@@ -7,13 +7,26 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mtl_edge.errors import ConfigError
 
+if TYPE_CHECKING:
+    from mtl_edge.enroller import Enroller
+
 BACKEND_HELP = "auto | onnxruntime | onnxruntime-cpu | onnxruntime-cuda | tensorrt."
 PRECISION_HELP = "fp32 | fp16 | int8 | int8-cpu (int8 on the CPU runs the int8-cpu variant)."
+# The options `enroll` and `predict` share.
+BUNDLE_OPT = typer.Option(
+    ..., "--bundle", "-b", envvar="MTL_EDGE_BUNDLE", help="Model bundle folder."
+)
+BACKEND_OPT = typer.Option("auto", "--backend", help=BACKEND_HELP)
+PRECISION_OPT = typer.Option("fp32", "--precision", help=PRECISION_HELP)
+THREADS_OPT = typer.Option(None, "--threads", help="onnxruntime intra-op threads.")
+BATCH_SIZE_OPT = typer.Option(32, "--batch-size", help="Images per backbone run.")
+JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of text.")
 
 
 @contextlib.contextmanager
@@ -42,6 +55,36 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None] | None
         yield update
 
 
+@contextlib.contextmanager
+def open_enroller(
+    description: str,
+    bundle: Path,
+    gallery: Path,
+    backend: str,
+    precision: str,
+    threads: int | None,
+    batch_size: int,
+    **options: Any,
+) -> Iterator[Enroller]:
+    """An `Enroller` whose feature extraction in the block drives `progress_bar(description)`.
+
+    The arguments are `Enroller`'s; `options` are its other keywords (e.g. `feature_dtype`).
+    """
+    from mtl_edge.enroller import Enroller
+
+    with progress_bar(description) as progress:
+        yield Enroller(
+            bundle,
+            gallery,
+            backend=backend,
+            precision=precision,
+            threads=threads,
+            batch_size=batch_size,
+            progress=progress,
+            **options,
+        )
+
+
 def register(app: typer.Typer, name: str) -> None:
     @app.command(
         name=name,
@@ -53,9 +96,7 @@ def register(app: typer.Typer, name: str) -> None:
     )
     def enroll(
         images: list[Path] = typer.Argument(None, help="Images of the --class (explicit files)."),
-        bundle: Path = typer.Option(
-            ..., "--bundle", "-b", envvar="MTL_EDGE_BUNDLE", help="Model bundle folder."
-        ),
+        bundle: Path = BUNDLE_OPT,
         gallery: Path = typer.Option(
             ..., "--gallery", "-g", envvar="MTL_EDGE_GALLERY", help="Gallery file (created)."
         ),
@@ -66,34 +107,31 @@ def register(app: typer.Typer, name: str) -> None:
         append: bool = typer.Option(
             False, "--append", help="Add the images to classes that are already enrolled."
         ),
-        backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
-        precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
-        threads: int = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
-        batch_size: int = typer.Option(32, "--batch-size", help="Images per backbone run."),
+        backend: str = BACKEND_OPT,
+        precision: str = PRECISION_OPT,
+        threads: int = THREADS_OPT,
+        batch_size: int = BATCH_SIZE_OPT,
         feature_dtype: str = typer.Option(
             "float16", "--feature-dtype", help="How a new gallery stores features: float16|float32."
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+        as_json: bool = JSON_OPT,
     ) -> None:
-        from mtl_edge.enroller import Enroller
-
         if (class_name is None) == (from_folder is None):
             raise ConfigError("enroll: give either --class NAME IMAGE... or --from-folder DIR")
         if class_name is not None and not images:
             raise ConfigError(f"enroll --class {class_name}: list the image files after it")
         if from_folder is not None and images:
             raise ConfigError("enroll --from-folder: takes no image arguments (use --class)")
-        with progress_bar("extracting features") as progress:
-            enroller = Enroller(
-                bundle,
-                gallery,
-                backend=backend,
-                precision=precision,
-                threads=threads,
-                batch_size=batch_size,
-                feature_dtype=feature_dtype,
-                progress=progress,
-            )
+        with open_enroller(
+            "extracting features",
+            bundle,
+            gallery,
+            backend,
+            precision,
+            threads,
+            batch_size,
+            feature_dtype=feature_dtype,
+        ) as enroller:
             if class_name is not None:
                 counts = {class_name: enroller.enroll_class(class_name, images, append=append)}
             else:

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from mtl_edge.commands.enroll import BACKEND_HELP, PRECISION_HELP, progress_bar
+from mtl_edge.commands.enroll import (
+    BACKEND_OPT,
+    BATCH_SIZE_OPT,
+    BUNDLE_OPT,
+    JSON_OPT,
+    PRECISION_OPT,
+    THREADS_OPT,
+    open_enroller,
+)
 
 
 def register(app: typer.Typer, name: str) -> None:
@@ -20,9 +28,7 @@ def register(app: typer.Typer, name: str) -> None:
     )
     def predict(
         images: list[Path] = typer.Argument(..., help="Image files to classify."),
-        bundle: Path = typer.Option(
-            ..., "--bundle", "-b", envvar="MTL_EDGE_BUNDLE", help="Model bundle folder."
-        ),
+        bundle: Path = BUNDLE_OPT,
         gallery: Path = typer.Option(
             ..., "--gallery", "-g", envvar="MTL_EDGE_GALLERY", help="Gallery file."
         ),
@@ -30,29 +36,21 @@ def register(app: typer.Typer, name: str) -> None:
         threshold: float = typer.Option(
             None, "--threshold", help="Override the gallery's rejection threshold (0 disables)."
         ),
-        backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
-        precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
-        threads: int = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
-        batch_size: int = typer.Option(32, "--batch-size", help="Images per backbone run."),
-        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+        backend: str = BACKEND_OPT,
+        precision: str = PRECISION_OPT,
+        threads: int = THREADS_OPT,
+        batch_size: int = BATCH_SIZE_OPT,
+        as_json: bool = JSON_OPT,
     ) -> None:
-        from mtl_edge.enroller import Enroller
         from mtl_edge.errors import ConfigError
 
         if top_k < 1:
             raise ConfigError(f"--top-k {top_k}: must be at least 1")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"--threshold {threshold}: use a probability in [0, 1]")
-        with progress_bar("classifying") as progress:
-            enroller = Enroller(
-                bundle,
-                gallery,
-                backend=backend,
-                precision=precision,
-                threads=threads,
-                batch_size=batch_size,
-                progress=progress,
-            )
+        with open_enroller(
+            "classifying", bundle, gallery, backend, precision, threads, batch_size
+        ) as enroller:
             preds = enroller.predict(images, top_k=top_k, threshold=threshold)
         if as_json:
             rows = [
