@@ -16,6 +16,10 @@ import typer
 
 from mtl_edge.errors import ConfigError
 
+# The options of every report-writing command.
+OUT_OPT = typer.Option(None, "--out", help="Report folder.")
+JSON_OPT = typer.Option(False, "--json", help="Print the JSON report.")
+
 
 def _default_out(kind: str) -> Path:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -36,11 +40,13 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _finish(doc: dict[str, Any], out: Path, as_json: bool) -> None:
-    """Write the report's JSON, Markdown and plots into `out` and print it."""
+def _report(kind: str, cfg: Any, results: Any, out: Path | None, as_json: bool) -> None:
+    """Make the `kind` report of `cfg` and `results`, write its JSON, Markdown and plots into
+    `out` (default: a new time-stamped folder under runs/bench) and print it."""
     from mtl_edge.bench import report
 
-    paths = report.write_outputs(doc, out, doc["kind"])
+    doc = report.make_report(kind, _config_dict(cfg), results)
+    paths = report.write_outputs(doc, out or _default_out(kind), kind)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     else:
@@ -111,11 +117,10 @@ def register(app: typer.Typer, name: str) -> None:
             None, "--calib", help="Calibration images for the --random int8 export."
         ),
         no_peak: bool = typer.Option(False, "--no-peak", help="Skip the peak matmul."),
-        out: Path | None = typer.Option(None, "--out", help="Report folder."),
-        as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+        out: Path | None = OUT_OPT,
+        as_json: bool = JSON_OPT,
     ) -> None:
         from mtl_edge.bench import latency as lat
-        from mtl_edge.bench import report
 
         cfg = lat.LatencyConfig(
             bundle=bundle,
@@ -137,8 +142,7 @@ def register(app: typer.Typer, name: str) -> None:
         lat.settings_matrix(cfg.backends, cfg.precisions)  # bad names fail before any work
         out = out or _default_out("latency")
         workdir = out / "random-model" if random else None
-        results = lat.run_latency(cfg, workdir)
-        _finish(report.make_report("latency", _config_dict(cfg), results), out, as_json)
+        _report("latency", cfg, lat.run_latency(cfg, workdir), out, as_json)
 
     @group.command("accuracy", help="Few-shot accuracy per backend/precision, paired vs FP32.")
     def accuracy(
@@ -156,11 +160,10 @@ def register(app: typer.Typer, name: str) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the episode list."),
         threads: int | None = typer.Option(None, "--threads"),
         cache: Path | None = typer.Option(None, "--cache", help="Folder for feature .npy."),
-        out: Path | None = typer.Option(None, "--out", help="Report folder."),
-        as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+        out: Path | None = OUT_OPT,
+        as_json: bool = JSON_OPT,
     ) -> None:
         from mtl_edge.bench import accuracy as acc
-        from mtl_edge.bench import report
         from mtl_edge.bench.latency import parse_ints, parse_list
 
         cfg = acc.AccuracyConfig(
@@ -179,9 +182,7 @@ def register(app: typer.Typer, name: str) -> None:
             threads=threads,
             cache=cache,
         )
-        results = acc.run_accuracy(cfg)
-        out = out or _default_out("accuracy")
-        _finish(report.make_report("accuracy", _config_dict(cfg), results), out, as_json)
+        _report("accuracy", cfg, acc.run_accuracy(cfg), out, as_json)
 
     @group.command("enroll", help="Enrollment stage times and one-image predict latency.")
     def enroll(
@@ -194,10 +195,10 @@ def register(app: typer.Typer, name: str) -> None:
         threads: int | None = typer.Option(None, "--threads"),
         min_time: float = typer.Option(1.0, "--min-time", help="Seconds timing predict."),
         min_runs: int = typer.Option(20, "--min-runs"),
-        out: Path | None = typer.Option(None, "--out", help="Report folder."),
-        as_json: bool = typer.Option(False, "--json", help="Print the JSON report."),
+        out: Path | None = OUT_OPT,
+        as_json: bool = JSON_OPT,
     ) -> None:
-        from mtl_edge.bench import enroll_bench, report
+        from mtl_edge.bench import enroll_bench
 
         cfg = enroll_bench.EnrollConfig(
             bundle=bundle,
@@ -209,9 +210,7 @@ def register(app: typer.Typer, name: str) -> None:
             threads=threads,
             budget=_timing(min_time, min_runs, 0.1, 3),
         )
-        results = enroll_bench.run_enroll(cfg)
-        out = out or _default_out("enroll")
-        _finish(report.make_report("enroll", _config_dict(cfg), results), out, as_json)
+        _report("enroll", cfg, enroll_bench.run_enroll(cfg), out, as_json)
 
     @group.command("compare", help="Two reports of one kind side by side (ratio B / A).")
     def compare(
