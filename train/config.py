@@ -111,11 +111,50 @@ class PretrainConfig:
     max_steps_per_epoch: int = 0
 
 
-@dataclass
-class MetaConfig:
+@dataclass(frozen=True)
+class MetaSettingsFields:
+    """The learner settings: how the FC base-learner adapts and what the meta-loss is. Their
+    names, types and defaults, shared by the [meta] recipe table (`MetaConfig`) and by
+    `mtl_edge.train.meta_transfer.MetaSettings`, which checks the values. Defaults follow the
+    official PyTorch code (the TF code's setting: inner_steps=20, test_steps=100,
+    inner_lr=1e-3, inner_loss="tf", second_order=True).
+
+    Attributes:
+        inner_steps: T during meta-training (100).
+        test_steps: T at validation / meta-test (100).
+        inner_lr: alpha (0.01).
+        second_order: differentiate through the inner loop (False: first order, see
+            `mtl_edge.train.base_learner`).
+        inner_loss: "mean" (default, what the device head minimises), "sum" over the support
+            set, or "tf": the TF code's cross-entropy summed over the support set and divided by
+            the shots (= ways x the mean). Others run as "mean" with lr x c and weight decay / c
+            (`base_learner.mean_loss_scale`), which is the same update.
+        inner_weight_decay: coefficient of 0.5 * ||W||^2 in the inner loss (0).
+        normalize: L2-normalise features before the FC head (False, as both official codes).
+        fc_init: the FC initialisation's starting value: "zeros" (default; symmetric slots and
+            what the device falls back to), "normal" (std 0.01) or "kaiming" (the PyTorch code).
+        bn_mode: "frozen" (default) or "train"; see `mtl_edge.train.ss`.
+        reduction: meta-batch loss "mean" (default) or "sum" over tasks.
+    """
+
+    inner_steps: int = 100
+    test_steps: int = 100
+    inner_lr: float = 0.01
+    second_order: bool = False
+    inner_loss: str = "mean"
+    inner_weight_decay: float = 0.0
+    normalize: bool = False
+    fc_init: str = "zeros"
+    bn_mode: str = "frozen"
+    reduction: str = "mean"
+
+
+@dataclass(frozen=True)
+class MetaConfig(MetaSettingsFields):
     """Phase 2: SS meta-transfer with the FC base-learner.
 
-    The fields inner_steps .. reduction are `mtl_edge.train.meta_transfer.MetaSettings`.
+    Besides the learner settings of `MetaSettingsFields` (inner_steps .. reduction, checked as
+    `mtl_edge.train.meta_transfer.MetaSettings` when a run starts):
 
     Attributes:
         pretrained: the phase-1 checkpoint (the pipeline passes it directly).
@@ -149,16 +188,6 @@ class MetaConfig:
     augment: bool = False
     val_episodes: int = 100
     val_shots: int = 0
-    inner_steps: int = 100
-    test_steps: int = 100
-    inner_lr: float = 0.01
-    second_order: bool = False
-    inner_loss: str = "mean"
-    inner_weight_decay: float = 0.0
-    normalize: bool = False
-    fc_init: str = "zeros"
-    bn_mode: str = "frozen"
-    reduction: str = "mean"
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch import nn
 from mtl_edge.data.episodes import Episode
 from mtl_edge.errors import ConfigError
 from mtl_edge.train.base_learner import INNER_LOSSES, fc_logits, inner_loop, mean_loss_scale
+from mtl_edge.train.config import MetaSettingsFields
 from mtl_edge.train.hard_tasks import per_class_accuracy
 from mtl_edge.train.ss import (
     bn_parameters,
@@ -40,39 +41,15 @@ REDUCTIONS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
-class MetaSettings:
-    """How the learner adapts and what the meta-loss is. Defaults follow the official PyTorch
-    code (the TF code's setting: inner_steps=20, test_steps=100, inner_lr=1e-3,
-    inner_loss="tf", second_order=True).
+class MetaSettings(MetaSettingsFields):
+    """How the learner adapts and what the meta-loss is: the fields of
+    `mtl_edge.train.config.MetaSettingsFields` (documented there; the [meta] recipe table has
+    them too), checked when created.
 
-    Attributes:
-        inner_steps: T during meta-training (100).
-        test_steps: T at validation / meta-test (100).
-        inner_lr: alpha (0.01).
-        second_order: differentiate through the inner loop (False: first order, see
-            `mtl_edge.train.base_learner`).
-        inner_loss: "mean" (default, what the device head minimises), "sum" over the support
-            set, or "tf": the TF code's cross-entropy summed over the support set and divided by
-            the shots (= ways x the mean). Others run as "mean" with lr x c and weight decay / c
-            (`base_learner.mean_loss_scale`), which is the same update.
-        inner_weight_decay: coefficient of 0.5 * ||W||^2 in the inner loss (0).
-        normalize: L2-normalise features before the FC head (False, as both official codes).
-        fc_init: the FC initialisation's starting value: "zeros" (default; symmetric slots and
-            what the device falls back to), "normal" (std 0.01) or "kaiming" (the PyTorch code).
-        bn_mode: "frozen" (default) or "train"; see `mtl_edge.train.ss`.
-        reduction: meta-batch loss "mean" (default) or "sum" over tasks.
+    Raises:
+        ConfigError: a negative step count, inner_lr <= 0, or an unknown inner_loss, fc_init,
+            bn_mode or reduction.
     """
-
-    inner_steps: int = 100
-    test_steps: int = 100
-    inner_lr: float = 0.01
-    second_order: bool = False
-    inner_loss: str = "mean"
-    inner_weight_decay: float = 0.0
-    normalize: bool = False
-    fc_init: str = "zeros"
-    bn_mode: str = "frozen"
-    reduction: str = "mean"
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0 or self.test_steps < 0 or self.inner_lr <= 0:
