@@ -86,6 +86,31 @@ def test_centroid_head_separates_separable_features() -> None:
     assert report["results"][0]["mean"] > 20.0 + 10.0  # chance is 20%
 
 
+def test_finetune_starts_from_the_prototype_head_when_asked() -> None:
+    """With 0 steps a zero head predicts class 0 everywhere (exactly chance); a prototype head is
+    the nearest-mean classifier of the support features and does far better."""
+
+    class ScaledColour(torch.nn.Module):
+        feature_dim = 3
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * x.mean((2, 3))
+
+    split = _split(classes=5, per_class=20)
+    models = [
+        GridModel(init, ScaledColour(), PRE, {"kind": "finetune", "steps": 0, "head_init": init})
+        for init in ("zero", "prototypes")
+    ]
+    report = evaluate_grid(models, split, ways=(5,), shots=(5,), episodes=4, queries=5)
+    acc = {r["model"]: r["mean"] for r in report["results"]}
+    assert acc["zero"] == pytest.approx(20.0)
+    assert acc["prototypes"] > 20.0 + 10.0
+
+
 def test_no_supplied_setting_and_bad_options() -> None:
     split = _split(classes=4)
     with pytest.raises(DatasetError, match="supplies none of the settings.*35-way"):

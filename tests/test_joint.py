@@ -17,7 +17,9 @@ from mtl_edge.train.joint import (
     Task,
     TaskSampler,
     maml_gradient,
+    inner_adapt,
     mix_parameters,
+    prototype_head,
     reptile_gradient,
 )
 
@@ -198,6 +200,9 @@ def test_bad_options_and_data() -> None:
         JointConfig(meta="protonet").validate()
     with pytest.raises(ConfigError, match="Reptile needs >= 2"):
         JointConfig(inner_steps=1).validate()
+    with pytest.raises(ConfigError, match="joint.head_init='random'"):
+        JointConfig(head_init="random").validate()
+    JointConfig(inner_steps=1, head_init="prototypes").validate()
     with pytest.raises(ConfigError, match="queries"):
         JointConfig(meta="maml", queries=0).validate()
     learner = _learner(JointConfig(), n_classes=6)
@@ -208,3 +213,30 @@ def test_bad_options_and_data() -> None:
         TaskSampler(labels, 5, 1, 1, 0)
     with pytest.raises(DatasetError, match="class with 3 images"):
         TaskSampler(labels, 2, 2, 2, 0)
+
+
+def test_prototype_head_is_the_nearest_mean_classifier() -> None:
+    """Logits of the prototype head equal -||f - mean_c||^2 up to a per-row constant, so its
+    argmax is the nearest class mean."""
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(12, 5, generator=gen), torch.arange(12) % 3
+    w, b = prototype_head(feats, labels, 3)
+    means = torch.stack([feats[labels == c].mean(0) for c in range(3)])
+    query = torch.randn(7, 5, generator=gen)
+    dist = -(torch.cdist(query, means) ** 2)
+    logits = F.linear(query, w, b)
+    torch.testing.assert_close(logits - logits[:, :1], dist - dist[:, :1], atol=1e-4, rtol=1e-4)
+
+
+def test_prototype_start_moves_the_backbone_from_the_first_step() -> None:
+    """With a zero head one inner step moves only the head; from prototypes it moves theta."""
+    x, labels = _data()
+    net = Toy()
+    idx = np.flatnonzero(labels < 3)
+    xs, ys = x[torch.as_tensor(idx)], torch.as_tensor(labels[idx])
+    theta = {k: p for k, p in net.named_parameters()}
+    for head_init, moved in (("zero", False), ("prototypes", True)):
+        fast, head = inner_adapt(net, theta, xs, ys, 3, 1, 0.5, head_init=head_init)
+        changed = not torch.allclose(fast["fc.weight"], theta["fc.weight"])
+        assert changed is moved, head_init
+        assert head[0].shape == (3, 3)

@@ -4,9 +4,10 @@ of unseen classes, each adapting the way its method adapts, mean accuracy with 9
 Adaptation kinds (the checkpoint's `adapt` entry; "centroid" for a checkpoint without one):
 
 - "inner" (Reptile, MAML, joint) and "finetune" (transfer): a copy of the whole network with a
-  zero (ways, D) head takes `steps` SGD steps at `lr` on random support batches of at most
-  `batch_size` images (BatchNorm on batch statistics, as in training); the query is then
-  classified with the running statistics (non-transductive).
+  fresh (ways, D) head (`head_init`: "zero", or "prototypes" of the support features) takes
+  `steps` SGD steps at `lr` on random support batches of at most `batch_size` images
+  (BatchNorm on batch statistics, as in training); the query is then classified with the
+  running statistics (non-transductive).
 - "centroid" (ProtoNet-style): features of the whole split are extracted once per model, the
   query is assigned to the nearest class mean (cosine).
 - "mtl" (the SS method's FC base-learner, default for a meta-transfer checkpoint) and "logreg":
@@ -36,7 +37,7 @@ from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
 from mtl_edge.preprocess import Preprocess
-from mtl_edge.train.joint import feature_dim, zero_head
+from mtl_edge.train.joint import feature_dim, initial_head
 from mtl_edge.train.joint_train import ImageBank, decoded_images, open_split_spec
 from mtl_edge.train.joint_train import data_root as resolve_data_root
 from mtl_edge.train.metatest import confidence_interval
@@ -58,7 +59,8 @@ class GridModel:
         name: the column title.
         backbone: a network with `forward_features` and `feature_dim`.
         preprocess: how its input images are made (size, mean, std).
-        adapt: {"kind": one of ADAPT_KINDS, "steps": int, "lr": float, "batch_size": int}.
+        adapt: {"kind": one of ADAPT_KINDS, "steps": int, "lr": float, "batch_size": int,
+            "head_init": "zero" | "prototypes"}.
     """
 
     name: str
@@ -150,9 +152,16 @@ def finetune_accuracy(
     steps, lr = int(adapt.get("steps", 10)), float(adapt.get("lr", 0.01))
     batch = int(adapt.get("batch_size", 128))
     params = [p for p in model.parameters() if p.requires_grad]
-    head = zero_head(ep.ways, feature_dim(model), params[0])
-    opt = torch.optim.SGD(params + list(head), lr=lr)
     x_all, y_all = ep.support, torch.as_tensor(ep.support_labels())
+
+    def support_features() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(bank(x_all[i : i + 500])) for i in range(0, len(x_all), 500)])
+
+    kind = str(adapt.get("head_init", "zero"))
+    w, b = initial_head(kind, support_features, y_all, ep.ways, feature_dim(model), params[0])
+    head = (w.detach().requires_grad_(True), b.detach().requires_grad_(True))
+    opt = torch.optim.SGD(params + list(head), lr=lr)
     gen = np.random.default_rng(seed)
     for _ in range(steps):
         pick = gen.permutation(len(x_all))[:batch]

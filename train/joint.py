@@ -39,6 +39,7 @@ from mtl_edge.errors import ConfigError, DatasetError
 META_KINDS = ("reptile", "maml")
 MIX_KINDS = ("paper", "code")
 OPTIMIZERS = ("adam", "sgd")
+HEAD_INITS = ("zero", "prototypes")
 
 
 @dataclass
@@ -60,6 +61,9 @@ class JointConfig:
         transfer_lr: learning rate of the transfer step.
         optimizer: "adam" (the paper) or "sgd" (the literal update formulas).
         second_order: MAML differentiates through the inner loop.
+        head_init: how every task head starts (training inner loops and evaluation): "zero", or
+            "prototypes" (Proto-MAML, Triantafillou et al. 2020: row c = 2 * mean feature of
+            class c, bias -||mean||^2, i.e. the nearest-mean classifier under squared distance).
     """
 
     meta: str = "reptile"
@@ -75,6 +79,7 @@ class JointConfig:
     transfer_lr: float = 1e-3
     optimizer: str = "adam"
     second_order: bool = False
+    head_init: str = "zero"
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad option."""
@@ -91,7 +96,11 @@ class JointConfig:
         for key in ("ways", "shots", "meta_batch", "inner_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"joint.{key}={getattr(self, key)}: must be >= 1")
-        if self.meta == "reptile" and self.inner_steps < 2:
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(
+                f"joint.head_init={self.head_init!r}: use one of {', '.join(HEAD_INITS)}"
+            )
+        if self.meta == "reptile" and self.head_init == "zero" and self.inner_steps < 2:
             raise ConfigError(
                 f"joint.inner_steps={self.inner_steps}: Reptile needs >= 2 (the task head starts "
                 "at zero, so the first step moves only the head and theta_i - theta would be 0)"
@@ -215,6 +224,40 @@ def zero_head(ways: int, dim: int, like: torch.Tensor) -> tuple[torch.Tensor, to
     return w, b
 
 
+def prototype_head(
+    features: torch.Tensor, labels: torch.Tensor, ways: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest-mean classifier as a linear head (Proto-MAML's initialisation).
+
+    Args:
+        features: shape (B, D); labels: shape (B,) in 0..ways-1, every class present.
+
+    Returns:
+        weight (ways, D) = 2 * class means, bias (ways,) = -||class mean||^2, so that the logits
+        equal -||f - mean_c||^2 up to a per-image constant. Differentiable in `features`.
+    """
+    sums = torch.zeros(ways, features.shape[1], dtype=features.dtype, device=features.device)
+    sums = sums.index_add(0, labels, features)
+    counts = torch.bincount(labels, minlength=ways).clamp(min=1).to(features.dtype)
+    means = sums / counts[:, None]
+    return 2 * means, -(means**2).sum(1)
+
+
+def initial_head(
+    kind: str,
+    features: Callable[[], torch.Tensor],
+    labels: torch.Tensor,
+    ways: int,
+    dim: int,
+    like: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task head to start adapting from: `zero_head`, or `prototype_head` of `features()`
+    (called only for "prototypes"; shape (B, D), matching `labels` (B,))."""
+    if kind == "zero":
+        return zero_head(ways, dim, like)
+    return prototype_head(features(), labels, ways)
+
+
 def task_logits(
     backbone: nn.Module, params: Params, head: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
 ) -> torch.Tensor:
@@ -234,8 +277,10 @@ def inner_adapt(
     create_graph: bool = False,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    head_init: str = "zero",
 ) -> tuple[Params, tuple[torch.Tensor, torch.Tensor]]:
-    """k SGD steps on (x, y) from `params` and a zero head.
+    """k SGD steps on (x, y) from `params` and a fresh head (`initial_head` of kind `head_init`,
+    the prototypes taken from all of x).
 
     Args:
         x: images of shape (B, C, H, W); y: labels of shape (B,) in 0..ways-1.
@@ -247,11 +292,16 @@ def inner_adapt(
         (adapted backbone parameters, adapted head (weight (ways, D), bias (ways,))).
     """
     any_param = next(iter(params.values()))
-    dim = feature_dim(backbone)
-    head = zero_head(ways, dim, any_param)
     fast = dict(params)
     if not create_graph:
         fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+
+    def features() -> torch.Tensor:
+        return functional_call(backbone, fast, (x,), strict=False)
+
+    head = initial_head(head_init, features, y, ways, feature_dim(backbone), any_param)
+    if not create_graph:
+        head = (head[0].detach().requires_grad_(True), head[1].detach().requires_grad_(True))
     for _ in range(steps):
         if batch_size is not None and batch_size < len(x):
             pick = torch.randperm(len(x), generator=generator)[:batch_size]
@@ -284,7 +334,14 @@ def reptile_gradient(
         idx = t.all_indices()
         y = _class_major_labels(t)
         fast, _ = inner_adapt(
-            backbone, theta, images(idx), y, len(t.classes), cfg.inner_steps, cfg.inner_lr
+            backbone,
+            theta,
+            images(idx),
+            y,
+            len(t.classes),
+            cfg.inner_steps,
+            cfg.inner_lr,
+            head_init=cfg.head_init,
         )
         for k in total:
             total[k] += theta[k].detach() - fast[k].detach()
@@ -314,6 +371,7 @@ def maml_gradient(
             cfg.inner_steps,
             cfg.inner_lr,
             create_graph=cfg.second_order,
+            head_init=cfg.head_init,
         )
         loss = F.cross_entropy(
             task_logits(backbone, fast, head, images(t.query)), t.local_labels("query")

@@ -304,6 +304,7 @@ def adapt_settings(cfg: JointConfig) -> dict[str, Any]:
         "kind": "finetune" if cfg.method == "transfer" else "inner",
         "steps": max(cfg.inner_steps, 10),
         "lr": cfg.inner_lr,
+        "head_init": cfg.head_init,
     }
 
 
