@@ -203,4 +203,9 @@ def test_evaluate_grid_command_defaults_to_the_paper_grid(monkeypatch, tmp_path)
     assert info.value.code == 0
     ((positional, keywords),) = calls
     assert list(positional[4]) == [5, 20, 35] and list(positional[5]) == [1, 5, 100]
-    assert keywords["queries"] == 7
+    assert keywords["queries"] == 7 and keywords["out"] is None
+    cli_out = tmp_path / "g.json"
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--out", str(cli_out), "--ways", "5", "--shots", "1"])
+    (positional, keywords) = calls[-1]
+    assert keywords["out"] == cli_out and list(positional[4]) == [5] and list(positional[5]) == [1]

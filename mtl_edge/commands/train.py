@@ -161,6 +161,9 @@ def register(app: typer.Typer, name: str) -> None:
         split: str = typer.Option("test", "--split", help="Split to draw episodes from."),
         device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:i]."),
         grid: bool = typer.Option(False, "--grid", help="The joint-method evaluation grid."),
+        out: Path | None = typer.Option(
+            None, "--out", help="--grid: the JSON report (default: beside the first checkpoint)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Meta-test a checkpoint: mean +- 95% interval per head and shot count."""
@@ -183,6 +186,7 @@ def register(app: typer.Typer, name: str) -> None:
                 episodes,
                 seed,
                 as_json,
+                out=out,
                 queries=queries,
             )
             return
