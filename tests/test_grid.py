@@ -59,6 +59,13 @@ def test_grid_same_episodes_skips_what_the_split_cannot_supply() -> None:
     assert again["results"] == report["results"]
     table = format_table(report)
     assert "5-way 3-shot" in table and "skipped 8-way 1-shot" in table
+    acc = {(r["ways"], r["shots"], r["model"]): r for r in report["results"]}
+    for d in report["differences"]:
+        assert (d["model"], d["versus"]) == ("ft", "proto")
+        ft, proto = acc[(d["ways"], d["shots"], "ft")], acc[(d["ways"], d["shots"], "proto")]
+        assert len(ft["accuracies"]) == 2
+        assert d["mean"] == pytest.approx(ft["mean"] - proto["mean"])
+    assert len(report["differences"]) == 4 and "ft minus" in table
     json.dumps(report)
 
 

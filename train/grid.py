@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_edge.atomicio import atomic_write_bytes
+from mtl_edge.bench.stats import paired_difference
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
@@ -239,6 +240,7 @@ def evaluate_grid(
                     "mean": mean,
                     "ci95": ci,
                     "episodes": len(accs),
+                    "accuracies": [round(a, 4) for a in accs],
                 }
             )
     return {
@@ -249,10 +251,41 @@ def evaluate_grid(
         "queries": queries,
         "models": [{"name": m.name, "adapt": m.adapt} for m in models],
         "results": results,
+        "differences": paired_differences(results, models[-1].name),
         "skipped": [
             {"ways": s.ways, "shots": s.shots, "reason": s.reason} for s in settings if s.reason
         ],
     }
+
+
+def paired_differences(results: list[dict[str, Any]], subject: str) -> list[dict[str, Any]]:
+    """`subject` minus every other model, per setting, over the same episodes.
+
+    Pairing removes the episode-to-episode variance both models share, so these intervals are
+    much narrower than those of the accuracies themselves.
+
+    Returns:
+        [{"ways", "shots", "model": subject, "versus", "mean", "ci95"}] (accuracy points).
+    """
+    by_setting: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for r in results:
+        by_setting.setdefault((r["ways"], r["shots"]), {})[r["model"]] = r["accuracies"]
+    out = []
+    for (ways, shots), accs in by_setting.items():
+        for other, reference in accs.items():
+            if other != subject and subject in accs:
+                mean, ci = paired_difference(reference, accs[subject])
+                out.append(
+                    {
+                        "ways": ways,
+                        "shots": shots,
+                        "model": subject,
+                        "versus": other,
+                        "mean": mean,
+                        "ci95": ci,
+                    }
+                )
+    return out
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -269,6 +302,22 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{n}-way {k}-shot".ljust(16) + "".join(row.get(x, "-").rjust(width) for x in names)
         )
+    differences = report.get("differences") or []
+    if differences:
+        versus = list(dict.fromkeys(d["versus"] for d in differences))
+        subject = differences[0]["model"]
+        lines.append(f"paired difference, {subject} minus (same episodes):")
+        pairs: dict[tuple[int, int], dict[str, str]] = {}
+        for d in differences:
+            pairs.setdefault((d["ways"], d["shots"]), {})[d["versus"]] = (
+                f"{d['mean']:+.1f} +- {d['ci95']:.1f}"
+            )
+        lines.append("".ljust(16) + "".join(v.rjust(width) for v in versus))
+        for (n, k), row in pairs.items():
+            lines.append(
+                f"{n}-way {k}-shot".ljust(16)
+                + "".join(row.get(v, "-").rjust(width) for v in versus)
+            )
     for s in report["skipped"]:
         lines.append(f"skipped {s['reason']}")
     lines.append(
