@@ -166,6 +166,7 @@ def test_grid_cli_on_trained_checkpoints(tmp_path: Path, capsys) -> None:
     on_disk = json.loads(out.read_text())
     assert on_disk["results"] == report["results"]
     assert {m["adapt"]["kind"] for m in on_disk["models"]} == {"inner", "finetune"}
+    assert {m["adapt"]["head_init"] for m in on_disk["models"]} == {"prototypes"}
     assert on_disk["classes"] == 36 and on_disk["split"] == "synthetic/val+test"
 
 
