@@ -19,6 +19,7 @@ from mtl_edge.train.grid import (
     evaluate_grid,
     evaluate_grid_cli,
     format_table,
+    parse_adapt_overrides,
     plan_settings,
 )
 from mtl_edge.train.joint_train import load_recipe, open_split_spec, train_joint
@@ -126,6 +127,12 @@ def test_no_supplied_setting_and_bad_options() -> None:
         evaluate_grid(_models(), split, ways=(2,), shots=(1,), episodes=0)
     with pytest.raises(ConfigError, match="adapt kind"):
         GridModel("x", _models()[0].backbone, PRE, {"kind": "magic"})
+    with pytest.raises(ConfigError, match="adapt head_init 'random'"):
+        GridModel("x", _models()[0].backbone, PRE, {"kind": "inner", "head_init": "random"})
+    assert parse_adapt_overrides(["kind=centroid", "steps=20"]) == {"kind": "centroid", "steps": 20}
+    for bad, match in (("steps", "KEY=VALUE"), ("colour=red", "KEY one of"), ("lr=fast", "float")):
+        with pytest.raises(ConfigError, match=match):
+            parse_adapt_overrides([bad])
     with pytest.raises(DatasetError, match="NAME\\[a:b\\]"):
         open_split_spec("synthetic", None, "test[x]")
     with pytest.raises(DatasetError, match="selects no class"):
@@ -167,6 +174,10 @@ def test_grid_cli_on_trained_checkpoints(tmp_path: Path, capsys) -> None:
     assert on_disk["results"] == report["results"]
     assert {m["adapt"]["kind"] for m in on_disk["models"]} == {"inner", "finetune"}
     assert {m["adapt"]["head_init"] for m in on_disk["models"]} == {"prototypes"}
+    report = evaluate_grid_cli(
+        ckpts, None, "synthetic", "val+test", (5,), (1,), 2, 0, False, out, adapt=["kind=centroid"]
+    )
+    assert {m["adapt"]["kind"] for m in report["models"]} == {"centroid"}
     assert on_disk["classes"] == 36 and on_disk["split"] == "synthetic/val+test"
 
 
@@ -214,6 +225,9 @@ def test_evaluate_grid_command_defaults_to_the_paper_grid(monkeypatch, tmp_path)
     assert keywords["queries"] == 7 and keywords["out"] is None
     cli_out = tmp_path / "g.json"
     with pytest.raises(SystemExit):
-        cli.main([*args, "--out", str(cli_out), "--ways", "5", "--shots", "1"])
+        cli.main(
+            [*args, "--out", str(cli_out), "--ways", "5", "--shots", "1", "--adapt", "steps=3"]
+        )
     (positional, keywords) = calls[-1]
+    assert keywords["adapt"] == ["steps=3"]
     assert keywords["out"] == cli_out and list(positional[4]) == [5] and list(positional[5]) == [1]

@@ -38,7 +38,7 @@ from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
 from mtl_edge.preprocess import Preprocess
-from mtl_edge.train.joint import feature_dim, initial_head
+from mtl_edge.train.joint import HEAD_INITS, feature_dim, initial_head
 from mtl_edge.train.joint_train import ImageBank, decoded_images, open_split_spec
 from mtl_edge.train.joint_train import data_root as resolve_data_root
 from mtl_edge.train.metatest import confidence_interval
@@ -50,6 +50,14 @@ DEFAULT_SHOTS = (1, 5, 100)
 ADAPT_KINDS = ("inner", "finetune", "centroid", "mtl", "logreg")
 #: Kinds that adapt a head on features extracted once (the backbone stays fixed).
 FEATURE_KINDS = ("centroid", "mtl", "logreg")
+#: `--adapt KEY=VALUE` keys and their types.
+ADAPT_KEYS: dict[str, type] = {
+    "kind": str,
+    "steps": int,
+    "lr": float,
+    "batch_size": int,
+    "head_init": str,
+}
 
 
 @dataclass
@@ -73,6 +81,9 @@ class GridModel:
         kind = self.adapt.get("kind")
         if kind not in ADAPT_KINDS:
             raise ConfigError(f"model {self.name}: adapt kind {kind!r}; use {ADAPT_KINDS}")
+        head_init = self.adapt.get("head_init", "zero")
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"model {self.name}: adapt head_init {head_init!r}; use {HEAD_INITS}")
 
 
 @dataclass
@@ -379,6 +390,28 @@ def open_eval_split(dataset: str, root: str | Path | None, split: str) -> ImageS
     return open_split_spec(dataset, base, split)
 
 
+def parse_adapt_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["kind=centroid", "steps=20"]` -> {"kind": "centroid", "steps": 20}.
+
+    Raises:
+        ConfigError: not KEY=VALUE, an unknown key, or a value of the wrong type.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ADAPT_KEYS:
+            raise ConfigError(
+                f"--adapt {item!r}: use KEY=VALUE with KEY one of {', '.join(ADAPT_KEYS)}"
+            )
+        try:
+            out[key] = ADAPT_KEYS[key](value)
+        except ValueError:
+            raise ConfigError(
+                f"--adapt {item!r}: {key} takes a {ADAPT_KEYS[key].__name__}"
+            ) from None
+    return out
+
+
 def evaluate_grid_cli(
     checkpoint: str | Path | Sequence[str | Path],
     data_root: str | Path | None,
@@ -391,11 +424,15 @@ def evaluate_grid_cli(
     as_json: bool,
     out: str | Path | None = None,
     queries: int = 15,
+    adapt: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`mtl-edge train evaluate --grid`: print the table (or JSON) and write the JSON report to
-    `out` (default: grid-<split>-seed<seed>.json beside the first checkpoint)."""
+    `out` (default: grid-<split>-seed<seed>.json beside the first checkpoint). `adapt` items
+    (KEY=VALUE) override every model's adaptation, e.g. "kind=centroid" or "steps=20"."""
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    overrides = parse_adapt_overrides(adapt)
     models = [load_grid_model(p) for p in paths]
+    models = [GridModel(m.name, m.backbone, m.preprocess, {**m.adapt, **overrides}) for m in models]
     eval_split = open_eval_split(dataset, data_root, split)
     report = evaluate_grid(
         models, eval_split, ways or DEFAULT_WAYS, shots or DEFAULT_SHOTS, episodes, queries, seed

@@ -164,6 +164,12 @@ def register(app: typer.Typer, name: str) -> None:
         out: Path | None = typer.Option(
             None, "--out", help="--grid: the JSON report (default: beside the first checkpoint)."
         ),
+        adapt: list[str] = typer.Option(
+            [],
+            "--adapt",
+            help="--grid: override every model's adaptation, KEY=VALUE (kind, steps, lr, "
+            "batch_size, head_init), e.g. --adapt kind=centroid (repeatable).",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Meta-test a checkpoint: mean +- 95% interval per head and shot count."""
@@ -188,6 +194,7 @@ def register(app: typer.Typer, name: str) -> None:
                 as_json,
                 out=out,
                 queries=queries,
+                adapt=adapt,
             )
             return
         if len(checkpoint) != 1 or len(ways_list) != 1:
