@@ -240,3 +240,25 @@ def test_prototype_start_moves_the_backbone_from_the_first_step() -> None:
         changed = not torch.allclose(fast["fc.weight"], theta["fc.weight"])
         assert changed is moved, head_init
         assert head[0].shape == (3, 3)
+
+
+def test_first_order_proto_maml_flows_through_the_prototypes() -> None:
+    """With a vanishing inner step, theta_i = theta and fo-Proto-MAML's gradient is ProtoNet's:
+    the query loss under the prototype head, differentiated through the prototypes too."""
+    x, labels = _data()
+    cfg = JointConfig(meta="maml", beta=1.0, ways=3, shots=2, queries=4, inner_steps=1)
+    cfg.head_init, cfg.inner_lr = "prototypes", 1e-12
+    learner = _learner(cfg)
+    task = _tasks(labels, cfg, 1)[0]
+    images = lambda i: x[torch.as_tensor(i)]  # noqa: E731
+    net = learner.backbone
+
+    head = prototype_head(net(images(task.support)), task.local_labels("support"), 3)
+    loss = F.cross_entropy(F.linear(net(images(task.query)), *head), task.local_labels("query"))
+    protonet = torch.autograd.grad(loss, [net.fc.weight, net.fc.bias])
+
+    g = maml_gradient(net, images, [task], cfg)
+    torch.testing.assert_close(g["fc.weight"], protonet[0])
+    torch.testing.assert_close(g["fc.bias"], protonet[1])
+    cfg.head_init = "zero"  # a zero head carries no gradient to theta through its start
+    assert not torch.allclose(maml_gradient(net, images, [task], cfg)["fc.weight"], protonet[0])

@@ -14,8 +14,9 @@ variant of the authors' code: theta + (delta_meta + beta * delta_transfer) / 2. 
 `mix="paper"`, beta = 1 is plain Reptile/MAML and beta = 0 plain transfer learning; the step
 whose weight is 0 is not computed at all.
 
-The task head is not meta-learned: every task starts from a zero (ways, D) head, so the same
-initialisation serves tasks of any number of ways (at training and at evaluation time).
+The task head is not meta-learned: every task starts from a fresh (ways, D) head (`head_init`:
+zeros, or the support set's prototypes), so the same initialisation serves tasks of any number
+of ways (at training and at evaluation time).
 
 BatchNorm: every training forward (inner loops, query, transfer) runs in train mode on the batch
 statistics of its own images and updates the running averages; evaluation and export use the
@@ -357,30 +358,48 @@ def maml_gradient(
     backbone: nn.Module, images: ImageFn, tasks: Sequence[Task], cfg: JointConfig
 ) -> Params:
     """MAML's meta-gradient sum_i d L_query(theta_i) / d theta; first order (the gradient at
-    theta_i) unless `cfg.second_order`."""
+    theta_i) unless `cfg.second_order`.
+
+    With prototype heads the first-order gradient also flows through the head's initialisation
+    (fo-Proto-MAML, Triantafillou et al. 2020): only the inner loop's Jacobian is dropped, the
+    prototypes stay a function of theta. With zero inner steps this is exactly ProtoNet's gradient.
+    """
     theta = backbone_params(backbone)
     names = list(theta)
     total = {k: torch.zeros_like(v) for k, v in theta.items()}
+    through_init = not cfg.second_order and cfg.head_init == "prototypes"
     for t in tasks:
+        x_support, y_support, ways = images(t.support), t.local_labels("support"), len(t.classes)
         fast, head = inner_adapt(
             backbone,
             theta,
-            images(t.support),
-            t.local_labels("support"),
-            len(t.classes),
+            x_support,
+            y_support,
+            ways,
             cfg.inner_steps,
             cfg.inner_lr,
             create_graph=cfg.second_order,
             head_init=cfg.head_init,
         )
+        if through_init:
+            start = prototype_head(
+                functional_call(backbone, theta, (x_support,), strict=False), y_support, ways
+            )
+            # the adapted head = its start (a function of theta) + the inner loop's detached change
+            head = (
+                start[0] + (head[0] - start[0]).detach(),
+                start[1] + (head[1] - start[1]).detach(),
+            )
         loss = F.cross_entropy(
             task_logits(backbone, fast, head, images(t.query)), t.local_labels("query")
         )
         wrt = [theta[k] for k in names] if cfg.second_order else [fast[k] for k in names]
+        if through_init:
+            wrt += [theta[k] for k in names]
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-        for k, g in zip(names, grads, strict=True):
+        for i, g in enumerate(grads):
             if g is not None:
-                total[k] += g.detach()
+                total[names[i % len(names)]] += g.detach()
     return total
 
 
