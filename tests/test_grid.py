@@ -179,6 +179,10 @@ def test_grid_cli_on_trained_checkpoints(tmp_path: Path, capsys) -> None:
     )
     assert {m["adapt"]["kind"] for m in report["models"]} == {"centroid"}
     assert on_disk["classes"] == 36 and on_disk["split"] == "synthetic/val+test"
+    with pytest.raises(ConfigError, match="--device='gpu': use auto, cpu or cuda"):
+        evaluate_grid_cli(
+            ckpts, None, "synthetic", "val+test", (5,), (1,), 2, 0, False, out, device="gpu"
+        )
 
 
 def test_feature_heads_and_an_ss_checkpoint_default_to_the_fc_base_learner(tmp_path: Path) -> None:
@@ -222,7 +226,7 @@ def test_evaluate_grid_command_defaults_to_the_paper_grid(monkeypatch, tmp_path)
     assert info.value.code == 0
     ((positional, keywords),) = calls
     assert list(positional[4]) == [5, 20, 35] and list(positional[5]) == [1, 5, 100]
-    assert keywords["queries"] == 7 and keywords["out"] is None
+    assert keywords["queries"] == 7 and keywords["out"] is None and keywords["device"] == "auto"
     cli_out = tmp_path / "g.json"
     with pytest.raises(SystemExit):
         cli.main(

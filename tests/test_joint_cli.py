@@ -92,6 +92,7 @@ def test_cli_trains_a_self_describing_run(tiny_recipe: Path, tmp_path: Path) -> 
         ("joint.nope=1", "unknown key joint.nope"),
         ("joint.ways=many", "joint.ways = 'many' has the wrong type; expected int"),
         ("model.num_base_classes=9", "transfer head has 9 outputs"),
+        ("train.device=gpu", "train.device='gpu': use auto, cpu or cuda[:i]"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(

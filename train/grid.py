@@ -127,10 +127,11 @@ def episodes_for(
 
 @torch.no_grad()
 def extract_all(backbone: nn.Module, bank: ImageBank, batch: int = 500) -> torch.Tensor:
-    """Eval-mode features of every image of the bank, shape (N, D)."""
+    """Eval-mode features of every image of the bank, shape (N, D), on the CPU."""
     backbone.eval()
     parts = [
-        backbone(bank(np.arange(i, min(i + batch, len(bank))))) for i in range(0, len(bank), batch)
+        backbone(bank(np.arange(i, min(i + batch, len(bank))))).cpu()
+        for i in range(0, len(bank), batch)
     ]
     return torch.cat(parts)
 
@@ -158,13 +159,16 @@ def head_accuracy(model: nn.Module, kind: str, features: torch.Tensor, ep: Episo
 def finetune_accuracy(
     backbone: nn.Module, bank: ImageBank, ep: Episode, adapt: dict[str, Any], seed: int
 ) -> float:
-    """Accuracy (%) after SGD on the support set of a copy of the network with a zero head."""
+    """Accuracy (%) after SGD on the support set of a copy of the network (on the bank's
+    device) with a fresh head."""
     model = copy.deepcopy(backbone)
     model.train()
     steps, lr = int(adapt.get("steps", 10)), float(adapt.get("lr", 0.01))
     batch = int(adapt.get("batch_size", 128))
     params = [p for p in model.parameters() if p.requires_grad]
-    x_all, y_all = ep.support, torch.as_tensor(ep.support_labels())
+    device = params[0].device
+    x_all, y_all = ep.support, torch.as_tensor(ep.support_labels(), device=device)
+    y_query = torch.as_tensor(ep.query_labels(), device=device)
 
     def support_features() -> torch.Tensor:
         with torch.no_grad():
@@ -178,7 +182,7 @@ def finetune_accuracy(
     for _ in range(steps):
         pick = gen.permutation(len(x_all))[:batch]
         logits = F.linear(model(bank(x_all[pick])), head[0], head[1])
-        loss = F.cross_entropy(logits, y_all[torch.as_tensor(pick)])
+        loss = F.cross_entropy(logits, y_all[torch.as_tensor(pick, device=device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -188,7 +192,7 @@ def finetune_accuracy(
         for i in range(0, len(ep.query), 500):
             q = ep.query[i : i + 500]
             pred = F.linear(model(bank(q)), head[0], head[1]).argmax(1)
-            correct += int((pred == torch.as_tensor(ep.query_labels()[i : i + 500])).sum())
+            correct += int((pred == y_query[i : i + 500]).sum())
     return 100.0 * correct / len(ep.query)
 
 
@@ -201,8 +205,10 @@ def evaluate_grid(
     queries: int = 15,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate every model on every supplied (N, K) of the grid, on the same episodes.
+    Networks and images go to `device`; the feature heads run on the CPU.
 
     Returns:
         {"split", "seed", "episodes", "queries", "models", "results": [{"ways", "shots",
@@ -228,8 +234,9 @@ def evaluate_grid(
         pp = m.preprocess
         key = (pp.size, pp.color_mode, tuple(pp.mean), tuple(pp.std))
         if key not in banks:
-            banks[key] = ImageBank(decoded_images(split, pp.size, cache_dir), pp)
+            banks[key] = ImageBank(decoded_images(split, pp.size, cache_dir), pp, device)
         bank = banks[key]
+        m.backbone.to(device)
         kind = m.adapt["kind"]
         features = extract_all(m.backbone, bank) if kind in FEATURE_KINDS else None
         for s in runnable:
@@ -425,17 +432,29 @@ def evaluate_grid_cli(
     out: str | Path | None = None,
     queries: int = 15,
     adapt: Sequence[str] = (),
+    device: str = "auto",
 ) -> dict[str, Any]:
     """`mtl-edge train evaluate --grid`: print the table (or JSON) and write the JSON report to
     `out` (default: grid-<split>-seed<seed>.json beside the first checkpoint). `adapt` items
-    (KEY=VALUE) override every model's adaptation, e.g. "kind=centroid" or "steps=20"."""
+    (KEY=VALUE) override every model's adaptation, e.g. "kind=centroid" or "steps=20".
+    `device`: "auto" (CUDA when present), "cpu" or "cuda[:i]"."""
+    from mtl_edge.train.torchdata import parse_device
+
+    dev = parse_device(device, "--device")
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     overrides = parse_adapt_overrides(adapt)
     models = [load_grid_model(p) for p in paths]
     models = [GridModel(m.name, m.backbone, m.preprocess, {**m.adapt, **overrides}) for m in models]
     eval_split = open_eval_split(dataset, data_root, split)
     report = evaluate_grid(
-        models, eval_split, ways or DEFAULT_WAYS, shots or DEFAULT_SHOTS, episodes, queries, seed
+        models,
+        eval_split,
+        ways or DEFAULT_WAYS,
+        shots or DEFAULT_SHOTS,
+        episodes,
+        queries,
+        seed,
+        device=dev,
     )
     target = Path(out) if out else Path(paths[0]).parent / f"grid-{split}-seed{seed}.json"
     atomic_write_bytes(target, (json.dumps(report, indent=2) + "\n").encode())

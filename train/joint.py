@@ -293,6 +293,7 @@ def inner_adapt(
         (adapted backbone parameters, adapted head (weight (ways, D), bias (ways,))).
     """
     any_param = next(iter(params.values()))
+    y = y.to(x.device)
     fast = dict(params)
     if not create_graph:
         fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
@@ -369,7 +370,8 @@ def maml_gradient(
     total = {k: torch.zeros_like(v) for k, v in theta.items()}
     through_init = not cfg.second_order and cfg.head_init == "prototypes"
     for t in tasks:
-        x_support, y_support, ways = images(t.support), t.local_labels("support"), len(t.classes)
+        x_support, ways = images(t.support), len(t.classes)
+        y_support = t.local_labels("support").to(x_support.device)
         fast, head = inner_adapt(
             backbone,
             theta,
@@ -390,9 +392,8 @@ def maml_gradient(
                 start[0] + (head[0] - start[0]).detach(),
                 start[1] + (head[1] - start[1]).detach(),
             )
-        loss = F.cross_entropy(
-            task_logits(backbone, fast, head, images(t.query)), t.local_labels("query")
-        )
+        y_query = t.local_labels("query").to(x_support.device)
+        loss = F.cross_entropy(task_logits(backbone, fast, head, images(t.query)), y_query)
         wrt = [theta[k] for k in names] if cfg.second_order else [fast[k] for k in names]
         if through_init:
             wrt += [theta[k] for k in names]
@@ -415,7 +416,8 @@ def transfer_gradient(
     labels = torch.cat([t.all_base_labels() for t in tasks])
     theta = backbone_params(backbone)
     names = list(theta)
-    loss = F.cross_entropy(transfer_head(backbone(images(idx))), labels)
+    x = images(idx)
+    loss = F.cross_entropy(transfer_head(backbone(x)), labels.to(x.device))
     grads = torch.autograd.grad(loss, [theta[k] for k in names] + list(transfer_head.parameters()))
     return dict(zip(names, grads[: len(names)], strict=True)), list(grads[len(names) :])
 
@@ -425,7 +427,8 @@ class JointLearner:
     meta-iteration of Algorithm 1.
 
     Args:
-        backbone: a network with `forward_features` and `feature_dim` (e.g. Conv-4).
+        backbone: a network with `forward_features` and `feature_dim` (e.g. Conv-4), already on
+            its training device (the transfer head is put beside it; images come from there).
         num_base_classes: outputs of the transfer head (all base classes).
         cfg: the options; validated here.
 
@@ -439,7 +442,8 @@ class JointLearner:
             raise ConfigError(f"transfer head needs >= 2 base classes, got {num_base_classes}")
         self.cfg = cfg
         self.backbone = backbone
-        self.transfer_head = nn.Linear(feature_dim(backbone), num_base_classes)
+        device = next(backbone.parameters()).device
+        self.transfer_head = nn.Linear(feature_dim(backbone), num_base_classes).to(device)
         params = list(backbone_params(backbone).values())
         self.meta_opt = _optimizer(cfg.optimizer, params, cfg.outer_lr)
         self.transfer_opt = _optimizer(

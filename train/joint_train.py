@@ -71,13 +71,20 @@ class ModelConfig:
 
 @dataclass
 class LoopConfig:
-    """Iterations, seed, logging and checkpoint cadence."""
+    """Iterations, seed, logging and checkpoint cadence, and where to train.
+
+    Attributes:
+        threads: CPU threads (0: torch's default).
+        device: "auto" (CUDA when present), "cpu" or "cuda[:i]"; the decoded images then live
+            on that device too (84x84 miniImageNet: 1.4 GB of uint8).
+    """
 
     iterations: int = 1000
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 0
     threads: int = 0
+    device: str = "auto"
 
 
 @dataclass
@@ -170,19 +177,23 @@ def decoded_images(split: ImageSplit, size: int, cache_dir: str | Path | None) -
 
 
 class ImageBank:
-    """Decoded uint8 images in memory, normalised on request.
+    """Decoded uint8 images on one device, normalised on request.
 
     Args:
         array: uint8 of shape (N, H, W, C) or (N, H, W).
         preprocess: the mean / std / scale / invert to apply.
+        device: where the images live and the float batches are made.
     """
 
-    def __init__(self, array: np.ndarray, preprocess: Preprocess) -> None:
+    def __init__(
+        self, array: np.ndarray, preprocess: Preprocess, device: torch.device | str = "cpu"
+    ) -> None:
         x = torch.from_numpy(np.ascontiguousarray(array))
-        self.images = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
+        self.images = x.to(device)
         channels = self.images.shape[1]
-        self.mean = torch.tensor(preprocess.mean[:channels]).view(1, -1, 1, 1)
-        self.std = torch.tensor(preprocess.std[:channels]).view(1, -1, 1, 1)
+        self.mean = torch.tensor(preprocess.mean[:channels], device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(preprocess.std[:channels], device=device).view(1, -1, 1, 1)
         self.scale = float(preprocess.scale)
         self.invert = bool(preprocess.invert)
 
@@ -190,8 +201,9 @@ class ImageBank:
         return int(self.images.shape[0])
 
     def __call__(self, idx: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Float images of shape (len(idx), C, H, W)."""
-        x = self.images[torch.as_tensor(np.asarray(idx), dtype=torch.long)].float() * self.scale
+        """Float images of shape (len(idx), C, H, W), on the bank's device."""
+        pick = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=self.images.device)
+        x = self.images[pick].float() * self.scale
         if self.invert:
             x = 1.0 - x
         return (x - self.mean) / self.std
@@ -281,7 +293,7 @@ def save_joint_checkpoint(
         "version": CHECKPOINT_VERSION,
         "model": str(getattr(backbone, "name", recipe.model.backbone)),
         "model_args": dict(backbone.model_args),
-        "state_dict": {k: v.detach().clone() for k, v in backbone.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()},
         "stage": "joint",
         "method": recipe.joint.method,
         "preprocess": preprocess.to_dict(),
@@ -289,7 +301,7 @@ def save_joint_checkpoint(
         "metrics": metrics,
         "adapt": adapt_settings(recipe.joint),
         "transfer_head": {
-            k: v.detach().clone() for k, v in learner.transfer_head.state_dict().items()
+            k: v.detach().cpu().clone() for k, v in learner.transfer_head.state_dict().items()
         },
         "base_classes": list(class_names),
     }
@@ -339,7 +351,10 @@ def train_joint(recipe: JointRecipe, out: str | Path, progress: bool | None = No
 
 
 def _train(recipe: JointRecipe, out: Path, final: Path, create_backbone: Any) -> Path:
+    from mtl_edge.train.torchdata import parse_device
+
     loop = recipe.train
+    device = parse_device(loop.device, "train.device")
     if loop.threads > 0:
         torch.set_num_threads(loop.threads)
     torch.manual_seed(loop.seed)
@@ -350,13 +365,19 @@ def _train(recipe: JointRecipe, out: Path, final: Path, create_backbone: Any) ->
     preprocess = make_preprocess(split, recipe.data.image_size)
     t0 = time.perf_counter()
     bank = ImageBank(
-        decoded_images(split, recipe.data.image_size, recipe.data.cache_dir), preprocess
+        decoded_images(split, recipe.data.image_size, recipe.data.cache_dir), preprocess, device
     )
-    log.info("decoded %d images of %s in %.1f s", len(bank), split.name, time.perf_counter() - t0)
+    log.info(
+        "decoded %d images of %s in %.1f s; training on %s",
+        len(bank),
+        split.name,
+        time.perf_counter() - t0,
+        device,
+    )
     in_channels = 1 if split.color_mode == "L" else 3
     backbone = create_backbone(
         recipe.model.backbone, width=recipe.model.width, in_channels=in_channels
-    )
+    ).to(device)
     heads = recipe.model.num_base_classes or split.num_classes
     learner = JointLearner(backbone, heads, recipe.joint)
     learner.check_labels(split.num_classes)

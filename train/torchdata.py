@@ -41,15 +41,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
     """The training device: runtime.device, "auto" = CUDA when available."""
-    name = runtime.device
+    return parse_device(runtime.device, "runtime.device")
+
+
+def parse_device(name: str, option: str) -> torch.device:
+    """`name` ("auto" = CUDA when available, "cpu", "cuda[:i]") as a device.
+
+    Raises:
+        ConfigError: naming `option`, for a malformed name or CUDA asked where there is none.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"runtime.device={name!r}: use auto, cpu or cuda[:i]") from None
+        raise ConfigError(f"{option}={name!r}: use auto, cpu or cuda[:i]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device={name!r}: no CUDA GPU here; use auto or cpu")
+        raise ConfigError(f"{option}={name!r}: no CUDA GPU here; use auto or cpu")
     return dev
 
 

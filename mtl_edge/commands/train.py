@@ -195,6 +195,7 @@ def register(app: typer.Typer, name: str) -> None:
                 out=out,
                 queries=queries,
                 adapt=adapt,
+                device=device,
             )
             return
         if len(checkpoint) != 1 or len(ways_list) != 1:
