@@ -83,6 +83,11 @@ def test_cli_trains_a_self_describing_run(tiny_recipe: Path, tmp_path: Path) -> 
     assert json.loads((run / "config.json").read_text())["joint"]["meta"] == "maml"
     again = _train(tiny_recipe, run)
     assert isinstance(again.exception, ConfigError) and "already holds" in str(again.exception)
+    from mtl_edge.commands.train import evaluate_checkpoint
+
+    scored = evaluate_checkpoint(info["checkpoint"], 3, [1], 2, ["centroid"], 2, 0, device="cpu")
+    # the plain meta-test reads the joint recipe's own [data] table
+    assert scored["ways"] == 3 and scored["results"]["1"]["centroid"]["episodes"] == 2
 
 
 @pytest.mark.parametrize(

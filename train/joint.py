@@ -279,9 +279,10 @@ def inner_adapt(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     head_init: str = "zero",
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Params, tuple[torch.Tensor, torch.Tensor]]:
     """k SGD steps on (x, y) from `params` and a fresh head (`initial_head` of kind `head_init`,
-    the prototypes taken from all of x).
+    the prototypes taken from all of x), or from the head `start` when given.
 
     Args:
         x: images of shape (B, C, H, W); y: labels of shape (B,) in 0..ways-1.
@@ -301,7 +302,9 @@ def inner_adapt(
     def features() -> torch.Tensor:
         return functional_call(backbone, fast, (x,), strict=False)
 
-    head = initial_head(head_init, features, y, ways, feature_dim(backbone), any_param)
+    if start is None:
+        start = initial_head(head_init, features, y, ways, feature_dim(backbone), any_param)
+    head = start
     if not create_graph:
         head = (head[0].detach().requires_grad_(True), head[1].detach().requires_grad_(True))
     for _ in range(steps):
@@ -372,6 +375,10 @@ def maml_gradient(
     for t in tasks:
         x_support, ways = images(t.support), len(t.classes)
         y_support = t.local_labels("support").to(x_support.device)
+        start = None
+        if through_init:
+            feats = functional_call(backbone, theta, (x_support,), strict=False)
+            start = prototype_head(feats, y_support, ways)
         fast, head = inner_adapt(
             backbone,
             theta,
@@ -382,11 +389,9 @@ def maml_gradient(
             cfg.inner_lr,
             create_graph=cfg.second_order,
             head_init=cfg.head_init,
+            start=start,
         )
-        if through_init:
-            start = prototype_head(
-                functional_call(backbone, theta, (x_support,), strict=False), y_support, ways
-            )
+        if start is not None:
             # the adapted head = its start (a function of theta) + the inner loop's detached change
             head = (
                 start[0] + (head[0] - start[0]).detach(),
@@ -398,7 +403,7 @@ def maml_gradient(
         if through_init:
             wrt += [theta[k] for k in names]
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-        for i, g in enumerate(grads):
+        for i, g in enumerate(grads):  # wrt names every parameter once, or twice (through_init)
             if g is not None:
                 total[names[i % len(names)]] += g.detach()
     return total

@@ -64,20 +64,23 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Meta-test a checkpoint on a split (the checkpoint's own dataset unless `dataset`)."""
     from mtl_edge.train.checkpoint import load_checkpoint
-    from mtl_edge.train.config import DataConfig, RuntimeConfig, from_dict
+    from mtl_edge.train.config import DataConfig, from_dict
     from mtl_edge.train.metatest import meta_test
-    from mtl_edge.train.torchdata import open_recipe_split, resolve_device
+    from mtl_edge.train.torchdata import open_recipe_split, parse_device
 
     loaded = load_checkpoint(checkpoint)
     if dataset is not None:
         data_cfg = DataConfig(kind=dataset, root=data or "")
     else:
         table = dict((loaded.raw.get("config") or {}).get("data") or {})
+        if loaded.raw.get("stage") == "joint":  # a joint recipe's [data] has keys of its own
+            table = {k: v for k, v in table.items() if k in ("kind", "root", "options")}
+            table["default_subdir"] = "miniimagenet"  # where joint recipes look when root is ""
         data_cfg = from_dict(DataConfig, table, f"{checkpoint} config")
         if data:
             data_cfg.root = data
     eval_split = open_recipe_split(data_cfg, split, loaded.preprocess.color_mode)
-    dev = resolve_device(RuntimeConfig(device=device))
+    dev = parse_device(device, "--device")
     return meta_test(
         loaded.model.to(dev),
         eval_split,
