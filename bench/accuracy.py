@@ -8,7 +8,8 @@ the model, variant, backend and split), and every setting reuses them. The diffe
 precision against FP32 is the mean of per-episode accuracy differences, whose interval is much
 narrower than either accuracy's because the episode difficulty cancels.
 
-Heads: "fc" fits the bundle's head recipe (the device's base-learner, `mtl_edge.head.fit_head`)
+Heads: "fc" fits the bundle's head recipe (the device's base-learner,
+`mtl_edge.fewshot.fc.fit_head`)
 on the support features; "centroid" classifies by the nearest class mean of L2-normalised
 features (no training, isolates the features).
 """
@@ -26,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from mtl_edge.atomicio import atomic_write_bytes
-from mtl_edge.bench.stats import mean_ci, paired_difference
 from mtl_edge.bundle import Bundle
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
-from mtl_edge.head import fit_head, head_logits, l2_normalize
+from mtl_edge.fewshot.fc import fit_head, head_logits, l2_normalize
+from mtl_edge.stats import mean_ci, paired_difference
 
 log = logging.getLogger(__name__)
 

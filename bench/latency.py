@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from mtl_edge.bench.stats import latency_summary
 from mtl_edge.bench.timing import TimingBudget, measure
 from mtl_edge.errors import ConfigError, MtlEdgeError
+from mtl_edge.stats import latency_summary
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ import numpy as np
 
 from mtl_edge import sysinfo
 from mtl_edge.atomicio import sha256_file
-from mtl_edge.bundle import Bundle, HeadRecipe, write_bundle
+from mtl_edge.bundle import Bundle, write_bundle
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import BundleError, DatasetError, MtlEdgeError, UnavailableError
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.preprocess import Preprocess
 
 log = logging.getLogger(__name__)

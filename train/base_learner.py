@@ -1,6 +1,6 @@
 """The FC base-learner of MTL and its inner loop, in PyTorch.
 
-This is the reference the device's numpy head (`mtl_edge.head.fit_head`) reproduces within
+This is the reference the device's numpy head (`mtl_edge.fewshot.fc.fit_head`) reproduces within
 1e-4, so it stays plain: full-batch gradient descent w <- w - lr * grad on the mean
 cross-entropy of the support set, no momentum, and weight decay only when asked (the coefficient
 of 0.5 * ||W||^2; the bias is not decayed).

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_edge.atomicio import atomic_write_bytes
-from mtl_edge.bench.stats import paired_difference
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
 from mtl_edge.preprocess import Preprocess
+from mtl_edge.stats import paired_difference
 from mtl_edge.train.joint import HEAD_INITS, feature_dim, initial_head
 from mtl_edge.train.joint_train import ImageBank, decoded_images, open_split_spec
 from mtl_edge.train.joint_train import data_root as resolve_data_root
