@@ -22,6 +22,7 @@ import numpy as np
 from mtl_edge import sysinfo
 from mtl_edge.atomicio import sha256_file
 from mtl_edge.bundle import Bundle, write_bundle
+from mtl_edge.data.registry import first_per_class
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import BundleError, DatasetError, MtlEdgeError, UnavailableError
 from mtl_edge.fewshot.fc import HeadRecipe
@@ -197,12 +198,6 @@ def synthetic_eval_split(preprocess: Preprocess, seed: int = 0) -> ImageSplit:
     )
 
 
-def first_per_class(split: ImageSplit, count: int) -> ImageSplit:
-    """The first `count` samples of every class of `split` (all classes kept)."""
-    keep = np.concatenate([idx[:count] for idx in split.indices_by_class()])
-    return split.take(np.sort(keep)) if len(keep) < len(split) else split
-
-
 def _find(doc: Any, *names: str) -> Any:
     """First value under any of `names` in a nested dict (depth-first), or None."""
     if isinstance(doc, Mapping):
@@ -226,7 +221,7 @@ def config_train_split(ckpt: dict[str, Any], color_mode: str) -> ImageSplit | No
     if not isinstance(data, Mapping) or "kind" not in data:
         return None
     try:
-        from mtl_edge.train.datasets import open_split, reader_options
+        from mtl_edge.data.registry import open_split, reader_options
 
         kind = str(data["kind"])
         allowed = set(reader_options(kind))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from mtl_edge.data.registry import open_split
 from mtl_edge.errors import ConfigError, DatasetError
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.train.backbones import create_backbone
-from mtl_edge.train.datasets import open_split
 from mtl_edge.train.grid import (
     GridModel,
     episodes_for,

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from mtl_edge.data.episodes import EpisodeSampler
+from mtl_edge.data.registry import open_split
 from mtl_edge.errors import ConfigError, MtlEdgeError, UnavailableError
 from mtl_edge.preprocess import Preprocess
-from mtl_edge.train.datasets import open_split
 from mtl_edge.train.gpu_data import DeviceDataset, make_generator
 from mtl_edge.train.pipeline import (
     STAGES,

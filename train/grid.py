@@ -33,14 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_edge.atomicio import atomic_write_bytes
+from mtl_edge.data.decode import decoded_images
 from mtl_edge.data.episodes import Episode, EpisodeSampler
+from mtl_edge.data.registry import data_root, open_split_spec
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.stats import paired_difference
 from mtl_edge.train.joint import HEAD_INITS, feature_dim, initial_head
-from mtl_edge.train.joint_train import ImageBank, decoded_images, open_split_spec
-from mtl_edge.train.joint_train import data_root as resolve_data_root
+from mtl_edge.train.joint_train import ImageBank
 from mtl_edge.train.metatest import confidence_interval
 
 log = logging.getLogger(__name__)
@@ -393,7 +394,7 @@ def open_eval_split(dataset: str, root: str | Path | None, split: str) -> ImageS
     Raises:
         DatasetError: a malformed spec, or a missing split folder.
     """
-    base = None if dataset == "synthetic" else resolve_data_root(str(root or ""))
+    base = None if dataset == "synthetic" else Path(root) if root else data_root() / "miniimagenet"
     return open_split_spec(dataset, base, split)
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,8 @@ import numpy as np
 import torch
 
 from mtl_edge.atomicio import atomic_write, atomic_write_bytes
+from mtl_edge.data.decode import decoded_images
+from mtl_edge.data.registry import data_root, first_per_class, open_split_spec
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError
 from mtl_edge.preprocess import Preprocess
@@ -141,41 +141,6 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 # Data
 
 
-def data_root(root: str) -> Path:
-    """`root`, or $MTL_EDGE_DATA/miniimagenet, or ../shared/data/miniimagenet of the repo."""
-    if root:
-        return Path(root)
-    repo = Path(__file__).resolve().parent.parent
-    base = os.environ.get("MTL_EDGE_DATA") or str(repo.parent / "shared" / "data")
-    return Path(base) / "miniimagenet"
-
-
-def first_per_class(split: ImageSplit, count: int) -> ImageSplit:
-    """The first `count` images of every class (all when count is 0)."""
-    if count <= 0:
-        return split
-    keep = np.concatenate([ix[:count] for ix in split.indices_by_class()])
-    return split.take(np.sort(keep))
-
-
-def decoded_images(split: ImageSplit, size: int, cache_dir: str | Path | None) -> np.ndarray:
-    """uint8 images of shape (N, H, W, C) or (N, H, W): decoded once, cached as .npy if asked."""
-    from mtl_edge.train.datasets import decode_split
-
-    if not cache_dir:
-        return decode_split(split, size=size)
-    path = Path(cache_dir) / f"{split.fingerprint()[:16]}-{size}-{split.color_mode}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable decode cache (%s); decoding again", path, e)
-    array = decode_split(split, size=size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-    return array
-
-
 class ImageBank:
     """Decoded uint8 images on one device, normalised on request.
 
@@ -216,60 +181,15 @@ def make_preprocess(split: ImageSplit, size: int) -> Preprocess:
     return Preprocess(size=size)
 
 
-_PART = re.compile(r"^([A-Za-z0-9_-]+)(?:\[(\d*):(\d*)\])?$")
-
-
-def open_split_spec(kind: str, root: Path | None, spec: str, **options: Any) -> ImageSplit:
-    """A split named by `spec`: "train", a class range of one ("train[:44]", "train[44:]",
-    classes in the split's order), or several joined with "+" ("test+train[44:]").
-
-    Raises:
-        DatasetError: a malformed spec, an empty class range, or a missing split.
-    """
-    from mtl_edge.train.datasets import open_split
-
-    parts = []
-    for part in spec.split("+"):
-        m = _PART.match(part.strip())
-        if not m:
-            raise DatasetError(
-                f"split {spec!r}: write NAME, NAME[a:b] or A+B, e.g. test+train[44:]"
-            )
-        split = open_split(kind, root, m.group(1), **options)
-        if m.group(2) is not None or m.group(3) is not None:
-            lo = int(m.group(2) or 0)
-            hi = int(m.group(3) or split.num_classes)
-            ids = list(range(lo, min(hi, split.num_classes)))
-            if not ids:
-                raise DatasetError(
-                    f"split {spec!r}: {part} selects no class of {split.num_classes}"
-                )
-            split = split.subset(ids, name=f"{split.name}[{lo}:{hi}]")
-        parts.append(split)
-    return parts[0] if len(parts) == 1 else concat_splits(parts, f"{kind}/{spec}")
-
-
-def concat_splits(splits: list[ImageSplit], name: str) -> ImageSplit:
-    """The classes of several splits (all file-based or all in-memory) as one split, labels
-    renumbered."""
-    labels: list[np.ndarray] = []
-    names: list[str] = []
-    for s in splits:
-        labels.append(np.asarray(s.labels) + len(names))
-        names += list(s.class_names)
-    mode = splits[0].color_mode
-    if all(s.paths is not None for s in splits):
-        paths = [p for s in splits for p in s.paths or []]
-        return ImageSplit(name, names, np.concatenate(labels), paths=paths, color_mode=mode)
-    if all(s.arrays is not None for s in splits):
-        arrays = np.concatenate([s.arrays for s in splits if s.arrays is not None])
-        return ImageSplit(name, names, np.concatenate(labels), arrays=arrays, color_mode=mode)
-    raise DatasetError(f"{name}: its parts are stored differently and cannot be joined")
-
-
 def open_base_split(cfg: DataConfig) -> ImageSplit:
     """The base-class split of the recipe (a `open_split_spec` spec), trimmed to `per_class`."""
-    root = None if cfg.kind == "synthetic" else data_root(cfg.root)
+    root = (
+        None
+        if cfg.kind == "synthetic"
+        else Path(cfg.root)
+        if cfg.root
+        else data_root() / "miniimagenet"
+    )
     split = open_split_spec(cfg.kind, root, cfg.split, **cfg.options)
     return first_per_class(split, cfg.per_class)
 

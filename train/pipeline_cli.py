@@ -80,9 +80,9 @@ def register(train_app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         from mtl_edge.atomicio import atomic_write_json
+        from mtl_edge.data.registry import open_split
         from mtl_edge.preprocess import Preprocess
         from mtl_edge.train.backbones import create_backbone
-        from mtl_edge.train.datasets import open_split
         from mtl_edge.train.gpu_data import DeviceDataset
         from mtl_edge.train.pipeline import compare_input_throughput, parse_value
 

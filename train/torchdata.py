@@ -2,8 +2,8 @@
 
 - `resolve_device`, `autocast`: where the tensors live and mixed precision (CUDA only);
 - `recipe_preprocess`, `open_recipe_split`: a recipe's preprocessing and its splits through
-  `mtl_edge.train.datasets.open_split` (data root from the recipe, $MTL_EDGE_DATA or the repo's
-  ../shared/data);
+  `mtl_edge.data.registry.open_split` (data root from the recipe, else
+  `mtl_edge.data.registry.data_root()`);
 - `load_split`: a split decoded once into a `mtl_edge.train.gpu_data.DeviceDataset` (uint8 in
   memory: miniImageNet's 38k images are decoded once, not per epoch; training augmentation
   and the exact evaluation preprocessing are done there);
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,13 +29,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mtl_edge.data.registry import data_root, open_split, reader_options
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, MtlEdgeError
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.train.config import DataConfig, ModelConfig, RuntimeConfig
 from mtl_edge.train.gpu_data import DeviceAugment, DeviceDataset
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
@@ -92,15 +90,15 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
-def data_root(data: DataConfig) -> Path | None:
-    """The dataset folder: data.root, else $MTL_EDGE_DATA (default ../shared/data of the repo)
+def recipe_data_root(data: DataConfig) -> Path | None:
+    """The dataset folder of a recipe: data.root, else `mtl_edge.data.registry.data_root()`
     joined with data.default_subdir; None for synthetic data."""
     if data.kind == "synthetic":
         return None
     if data.root:
         return Path(data.root).expanduser()
-    base = os.environ.get("MTL_EDGE_DATA") or str(REPO_ROOT.parent / "shared" / "data")
-    return Path(base) / data.default_subdir if data.default_subdir else Path(base)
+    base = data_root()
+    return base / data.default_subdir if data.default_subdir else base
 
 
 def recipe_preprocess(model: ModelConfig) -> Preprocess:
@@ -120,12 +118,10 @@ def recipe_preprocess(model: ModelConfig) -> Preprocess:
 
 def open_recipe_split(data: DataConfig, split: str, color_mode: str) -> ImageSplit:
     """Split `split` ("train", "val", "test" or any reader split) of the recipe's dataset."""
-    from mtl_edge.train.datasets import open_split, reader_options
-
     options = dict(data.options)
     if "color_mode" in reader_options(data.kind):
         options.setdefault("color_mode", color_mode)
-    return open_split(data.kind, data_root(data), split, **options)
+    return open_split(data.kind, recipe_data_root(data), split, **options)
 
 
 def load_split(

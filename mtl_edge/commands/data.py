@@ -48,7 +48,7 @@ def resolve_kind(kind: str, root: Path, split: str) -> str:
 
 def open_dataset(kind: str, root: Path, split: str, **options: Any) -> Any:
     """`open_split` with `kind="auto"` resolved; imported lazily (no torch either way)."""
-    from mtl_edge.train.datasets import open_split
+    from mtl_edge.data.registry import open_split
 
     return open_split(resolve_kind(kind, root, split), root, split, **options)
 
@@ -120,7 +120,8 @@ def register(app: typer.Typer, name: str) -> None:
 
         Exit code 1 when an image is missing or corrupt, a checksum differs or a class is empty.
         """
-        from mtl_edge.data.verify import format_report, verify_dataset
+        from mtl_edge.data.checks import format_report
+        from mtl_edge.data.verify import verify_dataset
 
         report = verify_dataset(
             root, check_hash=not no_hash, workers=workers or None, color_mode=color_mode
