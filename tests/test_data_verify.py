@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from mtl_edge import cli
-from mtl_edge.data.episodes import load_episodes
 from mtl_edge.data.checks import read_sums
+from mtl_edge.data.episodes import load_episodes
 from mtl_edge.data.verify import detect_layout, verify_dataset
 from mtl_edge.errors import DatasetError
 
