@@ -169,15 +169,15 @@ class _Runner:
 
         from mtl_edge.bench.machine import torch_flops_per_image
         from mtl_edge.errors import UnavailableError
-        from mtl_edge.export import fold
-        from mtl_edge.export.api import build_backbone, read_checkpoint
+        from mtl_edge.train.checkpoint import load_checkpoint
+        from mtl_edge.train.fuse import fuse_model
 
         if self.backend == "torch-cuda" and not torch.cuda.is_available():
             raise UnavailableError("torch-cuda: torch sees no CUDA GPU here")
         if threads:
             torch.set_num_threads(threads)
         path = Path(spec["checkpoint"])
-        model = fold.fold_model(build_backbone(path, read_checkpoint(path), None)).eval()
+        model = fuse_model(load_checkpoint(path).backbone).eval()
         self.device = torch.device("cuda" if self.backend == "torch-cuda" else "cpu")
         self.flops = torch_flops_per_image(model, self.shape)
         model = model.to(self.device)
@@ -342,8 +342,9 @@ def write_random_checkpoint(
     """A checkpoint of registry backbone `name` with random weights (seed) for latency runs."""
     import torch
 
+    from mtl_edge.fewshot.fc import HeadRecipe
     from mtl_edge.train.backbones import create_backbone
-    from mtl_edge.train.checkpoint import save_checkpoint
+    from mtl_edge.train.checkpoint import deploy_section, save_checkpoint
 
     torch.manual_seed(seed)
     model = create_backbone(name, **(model_args or {}))
@@ -354,6 +355,7 @@ def write_random_checkpoint(
         "stage": "pretrain",
         "preprocess": preprocess,
         "config": {},
+        "deploy": deploy_section(HeadRecipe(), {"kind": "centroid"}),
     }
     save_checkpoint(out, ckpt)
     return out
@@ -434,12 +436,10 @@ def _input_shape(cfg: LatencyConfig) -> tuple[int, int, int]:
         from mtl_edge.bundle import Bundle
 
         return tuple(Bundle.load(cfg.bundle).preprocess.input_shape)  # type: ignore[return-value]
-    from mtl_edge.export.api import read_checkpoint
-    from mtl_edge.preprocess import Preprocess
+    from mtl_edge.train.checkpoint import load_checkpoint
 
     assert cfg.checkpoint is not None
-    pre = Preprocess.from_dict(dict(read_checkpoint(cfg.checkpoint)["preprocess"]))
-    return tuple(pre.input_shape)  # type: ignore[return-value]
+    return tuple(load_checkpoint(cfg.checkpoint).preprocess.input_shape)  # type: ignore[return-value]
 
 
 def _run(cfg: LatencyConfig, pairs: list[tuple[str, str]]) -> dict[str, Any]:

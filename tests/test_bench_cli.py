@@ -61,7 +61,7 @@ def test_latency_random_model_has_torch_reference_and_peak(tmp_path: Path) -> No
     pytest.importorskip("torch")
     out = tmp_path / "lat"
     res = run(
-        "latency", "--random", "--backbone", "conv4", "--backbone-args", '{"width": 4}',
+        "latency", "--random", "--backbone", "conv4", "--backbone-arg", "width=4",
         "--image-size", "32", "--backends", "torch,onnxruntime", "--precisions", "fp32",
         "--batch-sizes", "2", "--rounds", "1", *QUICK, "--out", out, "--json",
     )  # fmt: skip
@@ -139,7 +139,7 @@ def test_enroll_stage_times(bundle: Path, tmp_path: Path) -> None:
         (("latency", "--precisions", "int4", "--random", "--backbone", "conv4"), "--precisions"),
         (("latency", "--batch-sizes", "1,x", "--random", "--backbone", "conv4"), "--batch-sizes"),
         (("latency", "--random"), "--backbone"),
-        (("latency", "--random", "--backbone", "conv4", "--backbone-args", "[1]"), "JSON"),
+        (("latency", "--random", "--backbone", "conv4", "--backbone-arg", "w"), "KEY=VALUE"),
     ],
 )
 def test_bad_input_is_one_line(args: tuple[str, ...], needle: str) -> None:

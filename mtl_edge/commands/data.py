@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from mtl_edge import settings
 from mtl_edge.errors import DatasetError
 
 #: Layouts `--kind auto` recognises, in the order they are tried.
@@ -54,17 +55,8 @@ def open_dataset(kind: str, root: Path, split: str, **options: Any) -> Any:
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """`--option key=value` pairs; values are read as JSON when they parse (5, true, ["a"])."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DatasetError(f"--option {item!r}: use key=value, e.g. val_alphabets=5")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+    """`--option key=value` pairs, values read as TOML literals (5, true, ["a"], 'x')."""
+    return settings.parse_options(items or [], "--option", "val_alphabets=5")
 
 
 OPTION_HELP = (
