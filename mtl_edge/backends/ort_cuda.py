@@ -320,7 +320,7 @@ class OrtCudaExtractor:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from mtl_edge.preprocess import preprocess_image
+        from mtl_edge.preprocess import decode_image, preprocess_image
 
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
 
@@ -328,7 +328,8 @@ class OrtCudaExtractor:
                 start, stop, size = chunk
 
                 def one(i: int) -> None:
-                    buf[i - start] = preprocess_image(sources[i], preprocess)
+                    img = decode_image(sources[i], preprocess.color_mode)
+                    buf[i - start] = preprocess_image(img, preprocess)
 
                 list(pool.map(one, range(start, stop)))
                 buf[stop - start : size] = 0
