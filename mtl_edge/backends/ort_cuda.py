@@ -94,6 +94,8 @@ class OrtCudaExtractor:
         workers: decode threads of `extract_sources`.
         image_shape: (C, H, W) of one preprocessed image; needed when the graph leaves H, W
             dynamic, checked against the graph otherwise.
+        buckets: the fixed batch sizes instead of `buckets_for(batch_size)` (a benchmark passes
+            the sizes it times, so none is padded).
     """
 
     name = "onnxruntime"
@@ -113,6 +115,7 @@ class OrtCudaExtractor:
         device: str = "cuda",
         workers: int = 4,
         image_shape: Sequence[int] | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -145,14 +148,17 @@ class OrtCudaExtractor:
             )
         self.cuda_graphs = graphs
         self._check_io(model_path)
-        self.buckets = [self.static_batch] if self.static_batch else buckets_for(batch_size)
+        if self.static_batch:
+            self.buckets = [self.static_batch]
+        else:
+            self.buckets = sorted(set(buckets)) if buckets else buckets_for(batch_size)
         self.batch_size = max(self.buckets)
         lib = cuda_libs.cudart() if device == "cuda" and pinned else None
         self._alloc = PinnedAllocator(lib)
         if not pinned:
             self._alloc.reason = "disabled"
         shape = (self.batch_size, *self.image_shape)
-        self._staging = [self._alloc.empty(shape, self.input_dtype) for _ in range(2)]
+        self.staging = [self._alloc.empty(shape, self.input_dtype) for _ in range(2)]
         self._slots: dict[int, _Slot] = {}
         self.info: dict[str, Any] = {
             "provider": self.provider,
@@ -280,7 +286,7 @@ class OrtCudaExtractor:
 
     def _pipeline(self, n: int, fill: Any) -> np.ndarray:
         features = np.empty((n, self.feature_dim), dtype=np.float32)
-        for (start, stop, size), buf, _ in prefetched(self._chunks(n), fill, self._staging):
+        for (start, stop, size), buf, _ in prefetched(self._chunks(n), fill, self.staging):
             self.upload(size, buf[:size])
             self.run_bound(size)
             features[start:stop] = self.download(size)[: stop - start]
@@ -339,6 +345,6 @@ class OrtCudaExtractor:
     def close(self) -> None:
         """Release the bindings, the session and the pinned buffers."""
         self._slots.clear()
-        self._staging = []
+        self.staging = []
         self._alloc.close()
         self.session = None
