@@ -28,7 +28,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +57,16 @@ REFERENCE = ("torch", "fp32", "host")
 
 @dataclass(frozen=True)
 class Setting:
-    """One (backend, precision) worker and the modes it is timed in."""
+    """One (backend, precision) worker, the modes it is timed in and, when not all of the
+    run's, its batch sizes."""
 
     backend: str
     precision: str
     modes: tuple[str, ...]
+    batches: tuple[int, ...] = ()
+
+    def batch_sizes(self, default: Sequence[int]) -> list[int]:
+        return list(self.batches or default)
 
 
 @dataclass
@@ -149,20 +154,24 @@ def _check(backend: str, precision: str, modes: tuple[str, ...]) -> Setting:
 
 
 def parse_settings(entries: Sequence[str]) -> list[Setting]:
-    """ "backend:precision[:mode+mode]" entries (e.g. "onnxruntime-cuda:fp16:compute+copies").
+    """Settings from "backend:precision[:mode+mode][@b/b/...]" entries, e.g.
+    "onnxruntime-cuda:fp16:compute+copies" or "torch-compile:bf16:compute@1/256" (that
+    setting at batch 1 and 256 only).
 
     Raises:
         ConfigError: a malformed entry, unknown name, or a mode that does not apply.
     """
     out = []
     for entry in entries:
-        parts = entry.split(":")
+        spec, _, at = entry.partition("@")
+        parts = spec.split(":")
         if len(parts) not in (2, 3):
-            raise ConfigError(f"--settings {entry!r}: write backend:precision[:mode+mode]")
+            raise ConfigError(f"--settings {entry!r}: write backend:precision[:modes][@b/b]")
         backend, precision = parts[0], parts[1]
         default = ("compute",) if backend in GPU_BACKENDS else ("host",)
         modes = tuple(parts[2].split("+")) if len(parts) == 3 else default
-        out.append(_check(backend, precision, modes))
+        batches = tuple(parse_ints(at.replace("/", ","), f"--settings {entry!r}")) if at else ()
+        out.append(Setting(*astuple(_check(backend, precision, modes))[:3], batches))
     return out
 
 
@@ -286,8 +295,8 @@ class _Collector:
             "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
             "threads": cfg.threads,
             "shape": list(self.shape),
-            "max_batch": max(cfg.batch_sizes),
-            "batch_sizes": list(cfg.batch_sizes),
+            "max_batch": max(s.batch_sizes(cfg.batch_sizes)),
+            "batch_sizes": s.batch_sizes(cfg.batch_sizes),
             "dry_run": cfg.dry_run,
             "probe": s.backend in GPU_BACKENDS,
             "pipeline": cfg.pipeline_images if first_cuda else 0,
@@ -337,7 +346,7 @@ def _by_setting(col: _Collector, settings: list[Setting]) -> None:
         if w is None:
             continue
         try:
-            for batch in col.cfg.batch_sizes:
+            for batch in s.batch_sizes(col.cfg.batch_sizes):
                 for mode in s.modes:
                     if col.late():
                         col.skip(s.backend, s.precision, f"{mode} batch {batch}: deadline")
@@ -358,7 +367,7 @@ def _by_batch(col: _Collector, settings: list[Setting]) -> None:
         for batch in col.cfg.batch_sizes:
             for r in range(col.cfg.rounds):
                 for s, w in list(workers.items()):
-                    for mode in s.modes:
+                    for mode in s.modes if batch in s.batch_sizes(col.cfg.batch_sizes) else ():
                         if col.late():
                             col.skip(s.backend, s.precision, f"batch {batch} on: deadline")
                         elif col.measure(w, s, batch, mode, share, r == 0):
@@ -446,7 +455,7 @@ def _summaries(
             continue
         for mode in s.modes:
             rows = []
-            for batch in cfg.batch_sizes:
+            for batch in s.batch_sizes(cfg.batch_sizes):
                 k = (s.backend, s.precision, mode, batch)
                 if k not in col.times:
                     continue
