@@ -53,7 +53,8 @@ def smoke(bundle_dir: str, dry_run: bool, report: dict[str, Any]) -> None:
     from mtl_edge.errors import MtlEdgeError
 
     providers = ort.get_available_providers()
-    report["onnxruntime"] = {"file": ort.__file__, "version": ort.__version__, "providers": providers}
+    report["onnxruntime"] = {"file": ort.__file__, "version": ort.__version__}
+    report["onnxruntime"]["providers"] = providers
     if not dry_run and "CUDAExecutionProvider" not in providers:
         raise SmokeFailure(f"{ort.__file__}: onnxruntime {ort.__version__} has no CUDA provider")
     if not dry_run:

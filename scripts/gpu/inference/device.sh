@@ -46,17 +46,18 @@ cmd_receive() {
         cp "$part" "$STORE/parts/.$(basename "$part").tmp"
         mv "$STORE/parts/.$(basename "$part").tmp" "$STORE/parts/$(basename "$part")"
     done
-    "$PY" - "$STORE" <<'EOF'
+    "$PY" - "$STORE" "$dir" <<'EOF'
 import hashlib, json, sys
 from pathlib import Path
-store = Path(sys.argv[1])
+store, carried = Path(sys.argv[1]), Path(sys.argv[2])
 m = json.loads((store / "MANIFEST.json").read_text())
 have = []
 for p in m["parts"]:
     f = store / "parts" / p["file"]
+    if (carried / p["file"]).is_file() and hashlib.sha256(f.read_bytes()).hexdigest() != p["sha256"]:
+        f.unlink()  # never joined; the next call can bring it again
+        sys.exit(f"device: error: {p['file']}: sha256 differs from MANIFEST.json; send it again")
     if f.is_file():
-        if hashlib.sha256(f.read_bytes()).hexdigest() != p["sha256"]:
-            sys.exit(f"device: error: {f}: sha256 differs from MANIFEST.json; send the part again")
         have.append(p["file"][-2:])
 print(f"device: {m['wheel']}: parts {','.join(have) or 'none'} of {len(m['parts'])} here, sha256 ok")
 EOF
