@@ -37,6 +37,7 @@ def _module(name: str):
 
 plan_mod = _module("plan")
 prepare = _module("prepare")
+collect_mod = _module("collect")
 PLAN = plan_mod.load_plan()
 
 
@@ -226,3 +227,9 @@ def test_the_compute_call_runs_end_to_end_on_the_cpu(staged: dict) -> None:
     parity = doc["results"]["parity"]
     assert set(parity["variants"]) == {"fp32", "fp16"} and parity["variants"]["fp32"]["pass"]
     assert "matmul" in doc["results"]["gpu_peak"] and "goals" in doc["results"]
+    collect_mod.REPO = staged["tmp"] / "repo"  # collect into a scratch tree, not this repo
+    dest = collect_mod.collect(PLAN, out)
+    kept = {p.name for p in dest.iterdir()}
+    assert {"latency.json", "latency.png", "versions.txt", "plan.json", "commands.md"} <= kept
+    commands = (dest / "commands.md").read_text()
+    assert all(c["command"] in commands for c in PLAN["calls"]) and "Measured steps" in commands

@@ -1,9 +1,9 @@
 """Copy what issue 20's device calls sent back into bench/results/<date>-h200-inference/.
 
-    python3 scripts/gpu/inference/prepare.py collect CALL1_FILES COMPUTE_FILES
+    python3 scripts/gpu/inference/prepare.py collect COMPUTE_FILES
 
-CALL1_FILES is the `files_at` folder of the first call (versions.txt), COMPUTE_FILES that of
-the compute call (latency.json/.md/.png, smoke.json, steps.json, compute.log). Written there:
+COMPUTE_FILES is the `files_at` folder of the compute call (versions.txt, latency.json/.md/.png,
+smoke.json, steps.json, compute.log). Written there:
 those files, plan.json as it was run, and commands.md with each call exactly as made and the
 estimate next to the measured steps. Review the folder, then `git add` it.
 """
@@ -19,14 +19,20 @@ from typing import Any
 from plan import PLAN, estimate
 
 REPO = Path(__file__).resolve().parents[3]
-KEEP = ("latency.json", "latency.md", "latency.png", "smoke.json", "steps.json", "compute.log")
+KEEP = (
+    "versions.txt",
+    "latency.json",
+    "latency.md",
+    "latency.png",
+    "smoke.json",
+    "steps.json",
+    "compute.log",
+)
 
 
-def collect(plan: dict[str, Any], call1: Path, compute: Path, name: str = "h200-inference") -> Path:
+def collect(plan: dict[str, Any], compute: Path, name: str = "h200-inference") -> Path:
     dest = REPO / "bench" / "results" / f"{dt.date.today().isoformat()}-{name}"
     dest.mkdir(parents=True, exist_ok=True)
-    if (call1 / "versions.txt").is_file():
-        shutil.copy2(call1 / "versions.txt", dest / "versions.txt")
     for f in KEEP:
         if (compute / f).is_file():
             shutil.copy2(compute / f, dest / f)

@@ -11,7 +11,9 @@
 #                                    own folder (never beside the CPU onnxruntime); find the
 #                                    CUDA/cuDNN of the machine's PyTorch; add the FP16 variant;
 #                                    the smoke check (stops on error); then the benchmark.
-#                                    Results flat in $OUT (at most 8 files, each < 16 MiB).
+#                                    Results flat in $OUT: versions.txt, compute.log,
+#                                    steps.json, smoke.json, latency.json/.md/.png (7 files,
+#                                    each well under 16 MiB).
 #
 # --dry-run does every step on a CPU (the tests run it with a fake wheel and a tiny bundle):
 # the same files, commands and reports, with the GPU settings run on the CPU provider.
@@ -110,6 +112,7 @@ cmd_compute() {
     local dir="${1:?usage: device.sh compute DIR [--dry-run]}" dry=""
     [[ "${2:-}" == "--dry-run" ]] && dry="--dry-run"
     trap write_steps EXIT
+    begin "versions" && cmd_versions && end versions
     begin "receive $dir" && cmd_receive "$dir" && end receive
 
     begin "join and check the wheel"

@@ -5,8 +5,7 @@
     python3 scripts/gpu/inference/prepare.py bundle (--make | --from BUNDLE) [--dest DIR]
                                                                    stage the FP32 bundle
     python3 scripts/gpu/inference/prepare.py check  [--dest DIR]   sizes of every call
-    python3 scripts/gpu/inference/prepare.py collect CALL1_FILES COMPUTE_FILES
-                                                                   results -> bench/results/
+    python3 scripts/gpu/inference/prepare.py collect COMPUTE_FILES  results -> bench/results/
 
 DIR defaults to plan.json's carry_dir (.device/ort-gpu, ignored by git) in the repository root;
 run it in the checkout the device calls are made from (the device tool sends that checkout).
