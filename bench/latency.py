@@ -142,11 +142,11 @@ def _check(backend: str, precision: str, modes: tuple[str, ...]) -> Setting:
 
     if backend not in BENCH_BACKENDS:
         raise ConfigError(f"--backends {backend!r}: use some of {', '.join(BENCH_BACKENDS)}")
-    allowed = TORCH_GPU_PRECISIONS if backend in TORCH_GPU else PRECISIONS
-    if precision not in allowed:
-        raise ConfigError(f"{backend}: precision {precision!r}; use one of {', '.join(allowed)}")
-    if backend == "onnxruntime-cuda" and precision not in ("fp32", "fp16"):
-        raise ConfigError(f"onnxruntime-cuda: precision {precision!r}; use fp32 or fp16")
+    allowed = dict.fromkeys(TORCH_GPU, TORCH_GPU_PRECISIONS)
+    allowed["onnxruntime-cuda"] = ("fp32", "fp16")
+    if precision not in allowed.get(backend, PRECISIONS):
+        choices = ", ".join(allowed.get(backend, PRECISIONS))
+        raise ConfigError(f"{backend}: precision {precision!r}; use one of {choices}")
     want = GPU_MODES if backend in GPU_BACKENDS else ("host",)
     if not modes or any(m not in want for m in modes):
         raise ConfigError(f"{backend}: modes {'+'.join(modes)!r}; use {' or '.join(want)}")

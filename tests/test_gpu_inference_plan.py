@@ -14,10 +14,10 @@ import math
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
+from gpu_fixtures import fake_wheel, make_registry_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "scripts" / "gpu" / "inference"
@@ -110,48 +110,17 @@ def test_bench_args_are_accepted_by_the_cli_parser(tmp_path: Path) -> None:
 # --- the device script on the CPU -------------------------------------------------------------
 
 
-def _fake_wheel(folder: Path, size: int) -> Path:
-    """A valid pure-Python wheel of about `size` bytes (random padding) and a marker module."""
-    name = "mtl_edge_fake_ort_gpu"
-    path = folder / f"{name}-1.0-py3-none-any.whl"
-    files = {
-        f"{name}/__init__.py": b"MARKER = 'installed by device.sh'\n",
-        f"{name}/padding.bin": os.urandom(size),
-        f"{name}-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: mtl-edge-fake-ort-gpu\n"
-        b"Version: 1.0\n",
-        f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: "
-        b"true\nTag: py3-none-any\n",
-    }
-    record = "".join(
-        f"{k},sha256={hashlib.sha256(v).hexdigest()},{len(v)}\n" for k, v in files.items()
-    )
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for k, v in files.items():
-            z.writestr(k, v)
-        z.writestr(f"{name}-1.0.dist-info/RECORD", record + f"{name}-1.0.dist-info/RECORD,,\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_registry_bundle(tmp_path_factory) -> Path:
     """A conv4 (width 4, 32 px) bundle exported by the project's exporter, FP32 only."""
     pytest.importorskip("torch")
-    from mtl_edge.bench.random_model import write_random_checkpoint
-    from mtl_edge.export.api import export_checkpoint
-    from mtl_edge.preprocess import Preprocess
-
-    work = tmp_path_factory.mktemp("tiny")
-    ckpt = write_random_checkpoint(
-        "conv4", Preprocess(size=32).to_dict(), 0, work / "c.pt", {"width": 4}
-    )
-    bundle, _ = export_checkpoint(ckpt, work / "bundle", seed=0, parity_episodes=10)
-    return bundle.root
+    return make_registry_bundle(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
 def staged(tmp_path: Path, tiny_registry_bundle: Path) -> dict:
     calls = [{"n": 1, "parts": [1]}, {"n": 2, "parts": [2]}, {"n": 3, "parts": [3]}]
-    wheel = _fake_wheel(tmp_path, int(2.5 * MIB))
+    wheel = fake_wheel(tmp_path, int(2.5 * MIB))
     dest = tmp_path / "carry"
     manifest = prepare.split(wheel, dest, 1, calls)
     prepare.stage_bundle(tiny_registry_bundle, dest / "call3")
