@@ -152,12 +152,16 @@ EOF
     end install
 
     begin "mtl-edge importable"
+    # pyproject maps train/, export/, bench/, recipes/ into mtl_edge.*; a tree of links does
+    # the same without building or installing anything (no setuptools, no pip, no network).
+    local pkg="$STORE/pkg/mtl_edge" f
+    rm -rf "$STORE/pkg" && mkdir -p "$pkg"
+    for f in "$REPO"/mtl_edge/*; do ln -s "$f" "$pkg/$(basename "$f")"; done
+    for f in train export bench recipes; do ln -s "$REPO/$f" "$pkg/$f"; done
+    export PYTHONPATH="$SITE:$STORE/pkg${PYTHONPATH:+:$PYTHONPATH}"
     local where
-    where="$("$PY" -c 'import mtl_edge.bench.latency as m; print(m.__file__)' 2>/dev/null || true)"
-    if [[ "$where" != "$REPO"/* ]]; then
-        "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" >/dev/null
-    fi
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    where="$("$PY" -c 'import os, mtl_edge.bench.latency as m; print(os.path.realpath(m.__file__))')"
+    [[ "$where" == "$(realpath "$REPO")"/* ]] || die "mtl_edge comes from $where, not $REPO"
     if [[ -z "$dry" ]]; then
         local gpu_ort
         gpu_ort="$("$PY" -c 'import onnxruntime as o; print(o.__file__)')"

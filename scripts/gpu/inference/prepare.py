@@ -146,7 +146,7 @@ def check(plan: dict[str, Any], dest: Path) -> list[str]:
     repo = repo_bytes()
     lines, limit = [], plan["limits"]["call_mib"] * MIB
     for call in plan["calls"]:
-        size = repo + sum(folder_bytes(REPO / c) for c in call["carry"])
+        size = repo + sum(folder_bytes(dest / Path(c).name) for c in call["carry"])
         flag = "" if size <= limit else f"  OVER {plan['limits']['call_mib']} MiB"
         lines.append(f"call {call['n']}: {size / MIB:.1f} MiB ({', '.join(call['carry'])}){flag}")
     return lines
