@@ -39,6 +39,7 @@ class FakeState:
     runs_on: list[str] = field(default_factory=lambda: [CUDA, CPU])
     available: list[str] = field(default_factory=lambda: [CUDA, CPU])
     refuse_graphs: bool = False
+    fail_capture: bool = False
     io_type: str = "tensor(float)"
     static_batch: int | None = None
     sessions: list[dict[str, Any]] = field(default_factory=list)
@@ -74,7 +75,8 @@ def make_fake_ort(
             state.events.append(("alloc", device, tuple(shape)))
             return cls(np.full(shape, np.nan, dtype=dtype), device)
 
-        def update_inplace(self, data: np.ndarray) -> None:
+        def update_inplace(self, data: Any) -> None:
+            data = data.array if isinstance(data, OrtValue) else data
             if data.shape != self.array.shape:
                 raise ValueError(f"update_inplace shape {data.shape} != {self.array.shape}")
             state.events.append(("upload", self.device, data.shape, data.dtype.name))
@@ -121,6 +123,8 @@ def make_fake_ort(
         def run_with_iobinding(self, binding: IOBinding, run_options: Any = None) -> None:
             x = binding.inputs["images"].array
             graph = (run_options.entries if run_options else {}).get("gpu_graph_id")
+            if state.fail_capture and graph is not None:
+                raise RuntimeError("CUDA failure 901: operation not permitted when capturing")
             state.events.append(("run", x.shape[0], graph))
             out = binding.outputs["features"].array
             out[...] = fake_features(x, weight).astype(out.dtype)

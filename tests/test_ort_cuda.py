@@ -108,6 +108,18 @@ def test_refused_cuda_graphs_rebuild_the_session_without_them(fake) -> None:
     assert {e[2] for e in fake.events if e[0] == "run"} == {None}
 
 
+def test_a_failed_capture_reruns_without_graphs_once(fake, caplog) -> None:
+    ext = _extractor(fake, batch_size=4)
+    fake.fail_capture = True
+    images = _images(6, seed=4)
+    with caplog.at_level(logging.WARNING):
+        features = ext.extract(images)
+    np.testing.assert_allclose(features, fake_features(images, WEIGHT), rtol=1e-5)
+    assert ext.cuda_graphs is False and "capturing" in ext.info["cuda_graph_error"]
+    assert [s["options"]["enable_cuda_graph"] for s in fake.sessions] == ["1", "0"]
+    assert "running without CUDA graphs" in caplog.text
+
+
 def test_a_silent_cpu_fallback_is_an_error_for_onnxruntime_cuda(fake, caplog) -> None:
     fake.runs_on = [CPU]
     with pytest.raises(UnavailableError, match="runs on CPUExecutionProvider, not CUDA"):

@@ -129,6 +129,7 @@ class OrtCudaExtractor:
         libs = cuda_libs.preload() if device == "cuda" else {}
         want = CUDA if device == "cuda" else CPU
         graphs = device == "cuda" and cuda_graphs
+        self._model_path, self._cuda_options = model_path, cuda_options
         self.session, options, error = self._session(model_path, graphs, cuda_options)
         graph_error = None
         if self.session is None and graphs:
@@ -262,10 +263,32 @@ class OrtCudaExtractor:
 
     def run_bound(self, size: int) -> None:
         """Run bucket `size` on what its device input holds now (no host copies); returns when
-        the output is written. The compute-only timing of the benchmark calls this."""
+        the output is written. The compute-only timing of the benchmark calls this.
+
+        A graph capture that fails on a bucket's first run (a kernel that synchronises or
+        allocates while capturing) rebuilds the session without CUDA graphs, once, keeping
+        the uploaded input."""
         slot = self.slot(size)
-        self.session.run_with_iobinding(slot.binding, slot.run_options)
+        try:
+            self.session.run_with_iobinding(slot.binding, slot.run_options)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            if not self.cuda_graphs or slot.runs:
+                raise
+            self._drop_graphs(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+            fresh = self.slot(size)
+            fresh.device_in.update_inplace(slot.device_in)
+            self.session.run_with_iobinding(fresh.binding, fresh.run_options)
+            slot = fresh
         slot.runs += 1
+
+    def _drop_graphs(self, reason: str) -> None:
+        log.warning("CUDA graph capture failed (%s); running without CUDA graphs", reason)
+        session, options, error = self._session(self._model_path, False, self._cuda_options)
+        if session is None:
+            raise BundleError(f"{self._model_path}: onnxruntime cannot load it ({error})")
+        self.session, self.cuda_graphs = session, False
+        self._slots.clear()
+        self.info.update(cuda_graphs=False, cuda_graph_error=reason, provider_options=options)
 
     def upload(self, size: int, host: np.ndarray) -> None:
         """Copy host (size, C, H, W) into bucket `size`'s device input."""

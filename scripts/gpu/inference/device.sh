@@ -111,6 +111,7 @@ write_steps() {
 cmd_compute() {
     local dir="${1:?usage: device.sh compute DIR [--dry-run]}" dry=""
     [[ "${2:-}" == "--dry-run" ]] && dry="--dry-run"
+    dir="$(cd "$dir" && pwd)"
     trap write_steps EXIT
     begin "versions" && cmd_versions && end versions
     begin "receive $dir" && cmd_receive "$dir" && end receive
@@ -159,6 +160,10 @@ EOF
     for f in "$REPO"/mtl_edge/*; do ln -s "$f" "$pkg/$(basename "$f")"; done
     for f in train export bench recipes; do ln -s "$REPO/$f" "$pkg/$f"; done
     export PYTHONPATH="$SITE:$STORE/pkg${PYTHONPATH:+:$PYTHONPATH}"
+    # The repo root (the tool's working folder) holds mtl_edge/ without train/ export/ bench/:
+    # Python must not put the working folder first on sys.path, here nor in the workers.
+    export PYTHONSAFEPATH=1
+    cd "$STORE"
     local where
     where="$("$PY" -c 'import os, mtl_edge.bench.latency as m; print(os.path.realpath(m.__file__))')"
     [[ "$where" == "$(realpath "$REPO")"/* ]] || die "mtl_edge comes from $where, not $REPO"
