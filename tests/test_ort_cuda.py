@@ -126,10 +126,12 @@ def test_a_silent_cpu_fallback_is_an_error_for_onnxruntime_cuda(fake, caplog) ->
         _extractor(fake)
     with pytest.raises(UnavailableError, match="docs/gpu-inference.md"):
         create_backend("onnxruntime-cuda", fake.bundle)
-    with caplog.at_level(logging.WARNING):
-        extractor = create_backend("onnxruntime", fake.bundle)
-    assert type(extractor).__name__ == "OnnxRuntimeExtractor"
-    assert "running onnxruntime on the CPU instead" in caplog.text
+    for name in ("onnxruntime", "auto"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            extractor = create_backend(name, fake.bundle)
+        assert type(extractor).__name__ == "OnnxRuntimeExtractor"
+        assert "running onnxruntime on the CPU instead" in caplog.text
 
 
 def test_select_routes_the_cuda_provider_to_the_binding_extractor(fake) -> None:

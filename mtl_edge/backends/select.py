@@ -228,7 +228,8 @@ def _auto(
         log.debug("backend auto: tensorrt skipped (%s)", reasons["tensorrt"])
     if reasons["onnxruntime-cpu"] is not None:
         raise UnavailableError(str(reasons["onnxruntime-cpu"]))
-    chosen = "onnxruntime-cuda" if reasons["onnxruntime-cuda"] is None else "onnxruntime-cpu"
+    # "onnxruntime" takes CUDA when it really runs and warns and uses the CPU when it does not.
+    chosen = "onnxruntime" if reasons["onnxruntime-cuda"] is None else "onnxruntime-cpu"
     extractor = create_backend(chosen, bundle, precision, threads, batch_size, providers)
     log.info("backend auto: onnxruntime on %s (%s)", extractor.provider, extractor.precision)
     return extractor
