@@ -107,6 +107,23 @@ def register(app: typer.Typer, name: str) -> None:
             None, "--calib", help="Calibration images for the --random int8 export."
         ),
         no_peak: bool = typer.Option(False, "--no-peak", help="Skip the peak matmul."),
+        settings: str = typer.Option(
+            "", "--settings", help="backend:precision[:compute+copies],... instead of the matrix."
+        ),
+        gpu_modes: str = typer.Option("compute", "--gpu-modes", help="compute,copies (GPU)."),
+        order: str = typer.Option("batch", "--order", help="batch (round-robin) or setting."),
+        deadline: float | None = typer.Option(
+            None, "--deadline", help="Seconds after which no new measurement starts."
+        ),
+        parity_episodes: int = typer.Option(
+            0, "--parity-episodes", help="GPU vs CPU features on N episodes (GPU settings)."
+        ),
+        pipeline_images: int = typer.Option(
+            0, "--pipeline-images", help="JPEGs for the decode / GPU overlap check."
+        ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Run the GPU settings' code on the CPU (checks a plan)."
+        ),
         out: Path | None = OUT_OPT,
         as_json: bool = JSON_OPT,
     ) -> None:
@@ -128,8 +145,15 @@ def register(app: typer.Typer, name: str) -> None:
             measure_peak=not no_peak,
             backbone_args=parse_options(backbone_args, "--backbone-arg", "width=8"),
             image_size=image_size,
+            settings=lat.parse_list(settings, "--settings") if settings else (),
+            gpu_modes=lat.parse_list(gpu_modes, "--gpu-modes"),
+            order=order,
+            deadline_s=deadline,
+            parity_episodes=parity_episodes,
+            pipeline_images=pipeline_images,
+            dry_run=dry_run,
         )
-        lat.settings_matrix(cfg.backends, cfg.precisions)  # bad names fail before any work
+        lat.settings_of(cfg)  # bad names fail before any work
         out = out or _default_out("latency")
         workdir = out / "random-model" if random else None
         _report("latency", cfg, lat.run_latency(cfg, workdir), out, as_json)
