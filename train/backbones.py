@@ -110,6 +110,12 @@ class Backbone(nn.Module):
     model_args: dict[str, Any]
     name: str
 
+    def _describe(self, in_channels: int, feature_dim: int, **model_args: Any) -> None:
+        """Record what rebuilds this network (`model_args`) and initialise its weights."""
+        self.in_channels, self.feature_dim = in_channels, feature_dim
+        self.model_args = {"in_channels": in_channels, **model_args}
+        _init_weights(self)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W) -> features of shape (B, feature_dim)."""
         raise NotImplementedError
@@ -172,15 +178,7 @@ class ResNet12(Backbone):
             blocks.append(ResNet12Block(prev, w, slope, bias))
             prev = w
         self.blocks = nn.Sequential(*blocks)
-        self.feature_dim = widths[-1]
-        self.in_channels = in_channels
-        self.model_args = {
-            "in_channels": in_channels,
-            "widths": widths,
-            "slope": slope,
-            "bias": bias,
-        }
-        _init_weights(self)
+        self._describe(in_channels, widths[-1], widths=widths, slope=slope, bias=bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W), H and W >= 16 -> features of shape (B, widths[-1])."""
@@ -245,15 +243,7 @@ class ResNet25(Backbone):
             stages.append(nn.Sequential(*layer))
             prev = w
         self.stages = nn.Sequential(*stages)
-        self.feature_dim = widths[-1]
-        self.in_channels = in_channels
-        self.model_args = {
-            "in_channels": in_channels,
-            "stem": stem,
-            "widths": widths,
-            "blocks": blocks,
-        }
-        _init_weights(self)
+        self._describe(in_channels, widths[-1], stem=stem, widths=widths, blocks=blocks)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W) -> features of shape (B, widths[-1])."""
@@ -287,10 +277,7 @@ class Conv4(Backbone):
             layers.append(ConvBN(prev, width, 3, bias=bias))
             prev = width
         self.layers = nn.ModuleList(layers)
-        self.feature_dim = width
-        self.in_channels = in_channels
-        self.model_args = {"in_channels": in_channels, "width": width, "bias": bias}
-        _init_weights(self)
+        self._describe(in_channels, width, width=width, bias=bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W), H and W >= 16 -> features of shape (B, width)."""
