@@ -24,6 +24,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "enroll": ("enroll", "Enroll new classes from a few images into a gallery."),
     "predict": ("predict", "Classify images with a bundle and a gallery."),
     "gallery": ("gallery", "List, rename, remove and inspect enrolled classes."),
+    "serve": ("serve", "Serve enroll / predict over HTTP with a web page and metrics."),
     "bench": ("bench", "Latency, accuracy and enrollment benchmarks."),
     "data": ("data", "Verify, describe and pack datasets."),
     "demo": ("demo", "Run the whole pipeline on built-in synthetic data."),
