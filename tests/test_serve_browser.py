@@ -20,7 +20,11 @@ from typing import Any
 import httpx
 import pytest
 from device_fixtures import make_bundle
-from serve_helpers import TOKEN, ProcessServer, auth
+
+pytest.importorskip("fastapi")
+pytest.importorskip("onnxruntime")
+
+from serve_helpers import TOKEN, ProcessServer, auth  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 

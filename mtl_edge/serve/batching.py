@@ -142,7 +142,7 @@ class DynamicBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
                 break
         # A request that went away (client disconnected) cancelled its futures: skip them.
         return [item for item in batch if not item.future.done()]

@@ -145,6 +145,7 @@ class Guard:
                     headers.setdefault("cache-control", "no-store")
             await send(message)
 
+        refusal = None
         try:
             refusal = self._refusal(scope)
             if refusal is None:
@@ -160,6 +161,6 @@ class Guard:
                 )
                 await send_with_headers({"type": "http.response.body", "body": body})
         finally:
-            route = route_label(scope)
+            route = "refused" if refusal is not None else route_label(scope)
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.request_seconds.labels(route).observe(time.perf_counter() - start)
