@@ -65,9 +65,12 @@ class ServeBenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.clients < 1 or self.duration_s <= 0 or self.seed_classes < 2:
+        if min(self.clients, self.rounds, self.shots, self.enroll_images) < 1 or (
+            self.duration_s <= 0 or self.seed_classes < 2
+        ):
             raise ConfigError(
-                "bench serve: need --clients >= 1, --duration > 0, --seed-classes >= 2"
+                "bench serve: need --clients, --rounds, --shots >= 1, --duration > 0 and "
+                "--seed-classes >= 2"
             )
         bad = [m for m in self.modes if m not in ("off", "on")]
         if bad or not self.modes:
