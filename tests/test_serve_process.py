@@ -184,3 +184,16 @@ def test_refuses_a_port_in_use_and_a_damaged_gallery(env: dict[str, Path]) -> No
     env["gallery"].write_bytes(b"PK\x03\x04 not a gallery")
     line = one_error(cli("serve", "--port", "0", *serve_args(env)))
     assert "corrupt gallery" in line
+
+
+def test_without_the_serve_extra_exit_code_2(env: dict[str, Path]) -> None:
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; from mtl_edge import cli; "
+        f"cli.main(['serve', '--bundle', {str(env['bundle'])!r}, '--gallery', 'g.gallery'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: `mtl-edge serve` needs the serve extra (uvicorn is missing); "
+        "pip install 'mtl-edge[cpu,serve]'"
+    )
