@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import httpx
@@ -61,6 +63,19 @@ def jpeg_bytes(size: tuple[int, int], colour: tuple[int, int, int] = (200, 30, 3
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds almost none (a decompression bomb's
+    header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def assert_error(r: httpx.Response, status: int, needle: str) -> dict[str, object]:
@@ -243,6 +258,8 @@ def test_size_count_and_pixel_limits(env: dict[str, Path]) -> None:
         assert body["code"] == "too_large"
         r = c.post("/v1/predict", files=files(*photos(env, "green")[:4]))
         assert_error(r, 413, "4 images in one request: the limit is 3")
+        r = c.post("/v1/predict", files=[("files", ("bomb.png", png_header(60000, 60000), "x"))])
+        assert_error(r, 413, "bomb.png: more pixels than Pillow opens is over the limit")
 
         def chunks() -> object:  # no Content-Length: the limit is counted while reading
             yield b"--x\r\nContent-Disposition: form-data; name=files; filename=a.jpg\r\n\r\n"

@@ -120,7 +120,7 @@ def _api(service: Service) -> APIRouter:
     )
     async def thumbnail(name: str) -> Response:
         """A small JPEG of the class (made from its first uploaded image)."""
-        return Response(service.thumbnail(name), media_type="image/jpeg")
+        return Response(await service.thumbnail(name), media_type="image/jpeg")
 
     @api.put("/threshold", response_model=schemas.ThresholdResult, tags=["gallery"])
     async def threshold(body: schemas.ThresholdRequest) -> dict[str, Any]:

@@ -33,6 +33,9 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
+    except OverflowError:
+        sock.close()
+        raise ConfigError(f"--port {port}: use 0 to 65535") from None
     except OSError as e:
         sock.close()
         raise ConfigError(

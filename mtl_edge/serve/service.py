@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,7 +112,10 @@ class Service:
         return await self._run(self._decode_pool, self.view.get)
 
     async def classes(self) -> dict[str, Any]:
-        g = await self.gallery()
+        return await self._run(self._decode_pool, self._classes)
+
+    def _classes(self) -> dict[str, Any]:
+        g = self.view.get()
         rows = []
         for name, cls in g.classes.items() if g is not None else ():
             thumb = (
@@ -174,15 +178,21 @@ class Service:
 
     def _decode_one(self, upload: Upload, thumbnail: bool) -> tuple[np.ndarray, bytes | None]:
         limit = self.config.limits.max_pixels
+        size = "more pixels than Pillow opens"
         try:
-            with Image.open(io.BytesIO(upload.data)) as probe:
-                w, h = probe.size
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-            w = h = 0  # decode_image names the problem
-        if w * h > limit:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(upload.data)) as probe:  # reads the header only
+                    w, h = probe.size
+            size, too_large = f"{w}x{h} pixels", w * h > limit
+        except Image.DecompressionBombError:
+            too_large = True
+        except (UnidentifiedImageError, OSError, ValueError):
+            too_large = False  # decode_image names the problem
+        if too_large:
             raise HttpError(
                 413,
-                f"{upload.name}: {w}x{h} pixels is over the limit of {limit} (--max-pixels); "
+                f"{upload.name}: {size} is over the limit of {limit} (--max-pixels); "
                 "send a smaller image",
             )
         cfg = self.bundle.preprocess
@@ -350,7 +360,10 @@ class Service:
     async def set_threshold(self, value: float | None) -> dict[str, Any]:
         return await self._run(self._gallery_pool, self._set_threshold, value)
 
-    def thumbnail(self, name: str) -> bytes:
+    async def thumbnail(self, name: str) -> bytes:
+        return await self._run(self._decode_pool, self._thumbnail, name)
+
+    def _thumbnail(self, name: str) -> bytes:
         path = self.thumbs.path(name)
         try:
             return path.read_bytes()
