@@ -172,8 +172,9 @@ def test_page_enroll_predict_rename_remove_reload(
         browser.save_screenshot(str(shots / "serve-page.png"))
 
         # Live camera frames: the verdict follows the fake camera, then stops.
+        shown = browser.find_element(By.ID, "predict-preview").get_attribute("src")
         browser.find_element(By.ID, "live-btn").click()
-        wait.until(lambda d: d.find_element(By.ID, "predict-preview").get_attribute("src") != "")
+        wait.until(lambda d: d.find_element(By.ID, "predict-preview").get_attribute("src") != shown)
         wait.until(lambda d: "camera" in d.find_element(By.ID, "bars").text)
         browser.find_element(By.ID, "live-btn").click()
 
