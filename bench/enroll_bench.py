@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from mtl_edge.bench.stats import latency_summary
 from mtl_edge.bench.timing import TimingBudget, measure
 from mtl_edge.bundle import Bundle
 from mtl_edge.errors import DatasetError
+from mtl_edge.stats import latency_summary
 
 
 @dataclass
@@ -61,7 +61,7 @@ def pick_images(root: Path, classes: int, shots: int) -> list[tuple[str, list[Pa
 def run_enroll(cfg: EnrollConfig) -> dict[str, Any]:
     """Stage timings of one enrollment (seconds) and the one-image predict summary."""
     from mtl_edge.backends.select import create_backend
-    from mtl_edge.head import fit_head, predict_proba
+    from mtl_edge.fewshot.fc import fit_head, predict_proba
     from mtl_edge.preprocess import decode_image, preprocess_image
 
     bundle = Bundle.load(cfg.bundle)

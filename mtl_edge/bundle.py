@@ -13,7 +13,8 @@ manifest.json (schema "mtl-edge.bundle", version 1):
 
     backbone:   {name, args, feature_dim, input_name, output_name, input_shape, opset}
     preprocess: `mtl_edge.preprocess.Preprocess.to_dict()`
-    head:       {steps, lr, init, normalize, weight_decay, meta_init: {weight, bias, ways} | null}
+    head:       `HeadRecipe` fields (steps, lr, init, normalize, weight_decay, loss) and
+                meta_init: {weight, bias, ways} | null
     variants:   {variant name: {file, precision, target, activations, check, ...}};
                 "fp32" is required
     engines:    [{file, variant, gpu, compute_capability, tensorrt}]
@@ -30,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from mtl_edge.atomicio import atomic_write_json, sha256_file, staged_dir
 from mtl_edge.errors import BundleError
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.jsonfile import read_json_document
 from mtl_edge.preprocess import Preprocess
 
@@ -45,36 +46,6 @@ BUNDLE_SCHEMA = "mtl-edge.bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("schema", "schema_version", "backbone", "preprocess", "head", "variants", "files")
-HEAD_INITS = ("zeros", "meta", "imprint")
-
-
-@dataclass(frozen=True)
-class HeadRecipe:
-    """How the device trains the FC base-learner on support features.
-
-    Attributes:
-        steps: gradient steps T of the inner loop.
-        lr: learning rate alpha.
-        init: "zeros", "meta" (the bundle's meta-learned initialisation) or "imprint"
-            (rows set to normalised class means).
-        normalize: L2-normalise features before the head.
-        weight_decay: L2 penalty on the head weights.
-    """
-
-    steps: int = 100
-    lr: float = 0.01
-    init: str = "zeros"
-    normalize: bool = False
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.init not in HEAD_INITS:
-            raise BundleError(f"head.init={self.init!r}: use one of {', '.join(HEAD_INITS)}")
-        if self.steps < 0 or self.lr <= 0:
-            raise BundleError(f"head steps={self.steps}, lr={self.lr}: need steps >= 0, lr > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Bundle:

@@ -41,9 +41,8 @@ from typing import IO, Any
 import numpy as np
 
 from mtl_edge.atomicio import atomic_write, file_lock, fsync_dir
-from mtl_edge.bundle import HeadRecipe
 from mtl_edge.errors import GalleryError
-from mtl_edge.head import HeadWeights, fit_head, predict_proba
+from mtl_edge.fewshot.fc import HeadRecipe, HeadWeights, fit_head, predict_proba
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +275,9 @@ class Gallery:
     # -------------------------------------------------------------------- head
 
     def _fit(self, x: np.ndarray, y: np.ndarray, ways: int) -> HeadWeights:
-        r = self.recipe
-        init = r.init
-        if init == "meta" and (self.meta_init is None or self.meta_init[0].shape[0] != ways):
-            init = "zeros"  # the documented fallback; fit() logs it once for the real head
-        return fit_head(
-            x, y, ways, r.steps, r.lr, init, self.meta_init, r.normalize, r.weight_decay
-        )
+        # calibration folds: a "meta" init of another class count falls back silently; fit()
+        # logs the fallback once for the real head
+        return self.recipe.fit(x, y, ways, self.meta_init)
 
     def fit(self) -> HeadWeights:
         """Fit the head on every stored feature and, in "auto" mode, recalibrate the threshold.
@@ -296,7 +291,7 @@ class Gallery:
         r = self.recipe
         self.head = fit_head(
             x, y, len(self.classes), r.steps, r.lr, r.init, self.meta_init, r.normalize,
-            r.weight_decay,
+            r.weight_decay, r.loss,
         )  # fmt: skip
         if self.threshold_mode == "auto":
             self.threshold, self.calibration = self._calibrate(x, y)

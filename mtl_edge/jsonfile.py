@@ -1,4 +1,5 @@
-"""Reading the project's versioned JSON files (bundle manifests, shard indexes, episode lists).
+"""The project's JSON files: reading the versioned ones (bundle manifests, shard indexes,
+episode lists) and making report data JSON-safe.
 
 Every failure raises the caller's `MtlEdgeError` subclass with one line that names the file and
 the fix, never a traceback.
@@ -7,6 +8,8 @@ the fix, never a traceback.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +57,19 @@ def read_json_document(
             f"{version}; {fix}"
         )
     return doc
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON of nested data: paths as text, numpy arrays and tensors as lists, numpy and
+    torch scalars as numbers, inf and NaN as null (what the report files hold)."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtl_edge.head import fit_head
+from mtl_edge.fewshot.fc import fit_head
 from mtl_edge.train.base_learner import fc_logits, inner_loop
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtl_edge.bundle import MANIFEST, Bundle, HeadRecipe, write_bundle
+from mtl_edge.bundle import MANIFEST, Bundle, write_bundle
 from mtl_edge.errors import BundleError, MtlEdgeError
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.preprocess import Preprocess
 
 

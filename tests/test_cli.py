@@ -47,12 +47,16 @@ def test_requested_group_skips_options() -> None:
     assert cli._requested_group(["--help"]) is None
 
 
-def test_group_without_module_says_not_implemented(monkeypatch, capsys) -> None:
-    monkeypatch.setitem(cli.GROUPS, "future", ("no_such_module", "A group not built yet."))
+def test_group_missing_a_dependency_is_one_line_exit_2(monkeypatch, capsys) -> None:
+    def load():  # what `from mtl_edge.commands import train` raises on a torch-free install
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setitem(cli.GROUPS, "train", (load, "Needs torch."))
     with pytest.raises(SystemExit) as info:
-        cli.main(["future", "anything", "--flag"])
+        cli.main(["train", "pretrain", "--recipe", "demo"])
     assert info.value.code == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs torch" in err and "mtl-edge[train]" in err
 
 
 def test_user_error_is_one_line_without_traceback() -> None:
@@ -60,3 +64,20 @@ def test_user_error_is_one_line_without_traceback() -> None:
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "/no/such/folder" in result.stderr
+
+
+def test_dependency_missing_while_a_command_runs_is_one_line(monkeypatch, capsys) -> None:
+    import types
+
+    def register(app, name):
+        @app.command(name=name)
+        def run() -> None:
+            raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+
+    module = types.SimpleNamespace(register=register)
+    monkeypatch.setitem(cli.GROUPS, "export", (lambda: module, "Needs onnx."))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["export"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs onnx" in err and "mtl-edge[train]" in err

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtl_edge.bundle import HeadRecipe
 from mtl_edge.errors import GalleryError
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.gallery import (
     SAVE_PAUSE_ENV,
     UNKNOWN,
@@ -261,7 +261,7 @@ WORKER = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from mtl_edge.bundle import HeadRecipe
+    from mtl_edge.fewshot.fc import HeadRecipe
     from mtl_edge.gallery import Gallery, edit_gallery
 
     path, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

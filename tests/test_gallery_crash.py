@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtl_edge.bundle import HeadRecipe
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.gallery import SAVE_PAUSE_ENV, Gallery, edit_gallery
 
 WRITER = textwrap.dedent(

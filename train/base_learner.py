@@ -1,6 +1,6 @@
 """The FC base-learner of MTL and its inner loop, in PyTorch.
 
-This is the reference the device's numpy head (`mtl_edge.head.fit_head`) reproduces within
+This is the reference the device's numpy head (`mtl_edge.fewshot.fc.fit_head`) reproduces within
 1e-4, so it stays plain: full-batch gradient descent w <- w - lr * grad on the mean
 cross-entropy of the support set, no momentum, and weight decay only when asked (the coefficient
 of 0.5 * ||W||^2; the bias is not decayed).
@@ -21,23 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-#: Inner-loss reductions: "mean" over the support set; "sum" over it; "tf" the TF code's
-#: (per-example cross-entropy / shots, summed by tf.gradients: ways x the mean).
-INNER_LOSSES = ("mean", "sum", "tf")
-
-
-def mean_loss_scale(inner_loss: str, n_support: int, ways: int) -> float:
-    """Factor c such that the gradient of the `inner_loss` reduction is c x the gradient of the
-    mean loss: running the mean-loss loop with lr * c (and weight decay / c) is the same update.
-    """
-    if inner_loss == "mean":
-        return 1.0
-    if inner_loss == "sum":
-        return float(n_support)
-    if inner_loss == "tf":
-        return float(ways)
-    raise ValueError(f"inner_loss={inner_loss!r}: use one of {', '.join(INNER_LOSSES)}")
 
 
 def fc_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mtl_edge.errors import BundleError
-from mtl_edge.head import fit_head, l2_normalize, predict_proba, softmax
+from mtl_edge.fewshot.fc import fit_head, l2_normalize, predict_proba, softmax
 
 
 def _task(ways: int = 5, shots: int = 5, dim: int = 32, seed: int = 0):
@@ -98,11 +98,11 @@ def test_meta_init_is_used_when_the_class_count_matches() -> None:
 def test_meta_init_falls_back_to_zeros_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     x, y = _task(ways=3, shots=2, dim=6)
     w0, b0 = np.ones((5, 6), dtype=np.float32), np.ones(5, dtype=np.float32)
-    with caplog.at_level(logging.WARNING, logger="mtl_edge.head"):
+    with caplog.at_level(logging.WARNING, logger="mtl_edge.fewshot.fc"):
         head = fit_head(x, y, 3, steps=0, lr=0.1, init="meta", meta_init=(w0, b0))
     assert head.init == "zeros" and np.all(head.weight == 0)
     assert "learned for 5 classes" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="mtl_edge.head"):
+    with caplog.at_level(logging.WARNING, logger="mtl_edge.fewshot.fc"):
         assert fit_head(x, y, 3, steps=0, lr=0.1, init="meta").init == "zeros"
     assert "no meta-learned init" in caplog.text
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtl_edge.bench.stats import Z95, latency_summary, mean_ci, paired_difference, percentile
 from mtl_edge.bench.timing import TimingBudget, measure
 from mtl_edge.errors import ConfigError
+from mtl_edge.stats import Z95, latency_summary, mean_ci, paired_difference, percentile
 
 
 def test_percentile_interpolates_linearly() -> None:

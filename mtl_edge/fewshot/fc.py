@@ -1,8 +1,9 @@
-"""The FC softmax base-learner of MTL, trained on support features in numpy.
+"""The FC softmax base-learner of MTL, trained on support features in numpy, and its recipe.
 
-This is the only learning that happens on the device: a linear layer (weight (ways, D), bias
-(ways,)) fitted by T steps of full-batch gradient descent on the mean cross-entropy of the
-support set, with the analytic gradient
+This is the only learning that happens on the device, and the one implementation of the MTL head
+that every evaluation uses (meta-test, grid, export checks, `bench accuracy`): a linear layer
+(weight (ways, D), bias (ways,)) fitted by T steps of full-batch gradient descent on the mean
+cross-entropy of the support set, with the analytic gradient
 
     G = (softmax(X W^T + b) - onehot(y)) / N,   dW = G^T X + weight_decay * W,   db = sum_n G
 
@@ -14,12 +15,17 @@ Arithmetic runs in float64 internally: on features of a few hundred dimensions f
 accumulation drifts by ~1e-6 per step, float64 keeps the result independent of BLAS blocking
 and still fits 25 x 640 features for 100 steps in well under 5 ms. Weights are returned as
 float32.
+
+The recipe's `loss` names the reduction the head was meta-trained with: "mean" (the default);
+"sum" over the support set; "tf", the TF code's per-example cross-entropy / shots, summed
+(= ways x the mean). The gradient of each is c x the gradient of the mean (`loss_scale`), so the
+mean-loss loop runs with lr x c and weight decay / c, which is the same update.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -28,7 +34,82 @@ from mtl_edge.errors import BundleError
 log = logging.getLogger(__name__)
 
 HEAD_INITS = ("zeros", "meta", "imprint")
+HEAD_LOSSES = ("mean", "sum", "tf")
 _EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    """How the FC base-learner is fitted on support features.
+
+    Attributes:
+        steps: gradient steps T of the inner loop.
+        lr: learning rate alpha (of the mean loss; see `loss`).
+        init: "zeros", "meta" (the meta-learned initialisation) or "imprint" (rows set to
+            normalised class means).
+        normalize: L2-normalise features before the head.
+        weight_decay: coefficient of 0.5 * ||W||^2.
+        loss: "mean", "sum" or "tf" (see the module docstring).
+    """
+
+    steps: int = 100
+    lr: float = 0.01
+    init: str = "zeros"
+    normalize: bool = False
+    weight_decay: float = 0.0
+    loss: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.init not in HEAD_INITS:
+            raise BundleError(f"head.init={self.init!r}: use one of {', '.join(HEAD_INITS)}")
+        if self.loss not in HEAD_LOSSES:
+            raise BundleError(f"head.loss={self.loss!r}: use one of {', '.join(HEAD_LOSSES)}")
+        if self.steps < 0 or self.lr <= 0:
+            raise BundleError(f"head steps={self.steps}, lr={self.lr}: need steps >= 0, lr > 0")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def fit(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        ways: int,
+        meta_init: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> HeadWeights:
+        """`fit_head` with this recipe; a "meta" init that does not fit `ways` (or is absent)
+        falls back to zeros silently (`resolve_init`), as every evaluation and the gallery do."""
+        return fit_head(
+            features,
+            labels,
+            ways,
+            self.steps,
+            self.lr,
+            resolve_init(self.init, meta_init, ways),
+            meta_init,
+            self.normalize,
+            self.weight_decay,
+            self.loss,
+        )
+
+
+def loss_scale(loss: str, n_support: int, ways: int) -> float:
+    """Factor c such that the gradient of the `loss` reduction is c x the mean loss's."""
+    if loss == "mean":
+        return 1.0
+    if loss == "sum":
+        return float(n_support)
+    if loss == "tf":
+        return float(ways)
+    raise ValueError(f"loss={loss!r}: use one of {', '.join(HEAD_LOSSES)}")
+
+
+def resolve_init(init: str, meta_init: tuple[np.ndarray, np.ndarray] | None, ways: int) -> str:
+    """The init that `init` means for a task of `ways` classes: "meta" becomes "zeros" when
+    there is no meta-learned init or it was learned for another number of classes."""
+    if init == "meta" and (meta_init is None or meta_init[0].shape[0] != ways):
+        return "zeros"
+    return init
 
 
 @dataclass(frozen=True)
@@ -144,8 +225,9 @@ def fit_head(
     meta_init: tuple[np.ndarray, np.ndarray] | None = None,
     normalize: bool = False,
     weight_decay: float = 0.0,
+    loss: str = "mean",
 ) -> HeadWeights:
-    """Fit the FC head by `steps` of full-batch gradient descent on mean cross-entropy.
+    """Fit the FC head by `steps` of full-batch gradient descent on the cross-entropy.
 
     Deterministic: the same inputs give bit-identical weights.
 
@@ -159,6 +241,7 @@ def fit_head(
         meta_init: (weight (ways, D), bias (ways,)) for init "meta".
         normalize: L2-normalise features first.
         weight_decay: coefficient of 0.5 * ||W||^2 added to the loss.
+        loss: "mean", "sum" or "tf" reduction (see the module docstring).
 
     Returns:
         The fitted `HeadWeights` (float32).
@@ -172,6 +255,8 @@ def fit_head(
         x = l2_normalize(x)
     weight, bias, used = initial_weights(x, y, ways, init, meta_init)
     n = x.shape[0]
+    c = loss_scale(loss, n, ways)
+    lr, weight_decay = lr * c, weight_decay / c
     if n:
         onehot = np.zeros((n, ways), dtype=np.float64)
         onehot[np.arange(n), y] = 1.0
