@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup browser demo test lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,23 @@ $(STAMP): pyproject.toml
 		echo "no GPU: installing the CPU build of torch ($(TORCH_CPU))"; \
 		$(PY) -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e '.[train,cpu,dev]'
+	$(PY) -m pip install -q -e '.[train,cpu,serve,dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The browser test of `mtl-edge serve` drives Debian's chromium through its chromedriver;
+# nothing downloads a browser of its own.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian chromium and chromium-driver for the browser test"; \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+				--no-install-recommends chromium chromium-driver; \
+		else \
+			echo "chromium/chromedriver missing and no root apt-get: the browser test skips"; \
+		fi; \
+	fi
 
 demo: setup
 	$(VENV)/bin/mtl-edge demo

@@ -47,6 +47,12 @@ def _gallery() -> ModuleType:
     return gallery
 
 
+def _serve() -> ModuleType:
+    from mtl_edge.commands import serve
+
+    return serve
+
+
 def _bench() -> ModuleType:
     from mtl_edge.commands import bench
 
@@ -79,6 +85,7 @@ GROUPS: dict[str, tuple[Callable[[], ModuleType], str]] = {
     "enroll": (_enroll, "Enroll new classes from a few images into a gallery."),
     "predict": (_predict, "Classify images with a bundle and a gallery."),
     "gallery": (_gallery, "List, rename, remove and inspect enrolled classes."),
+    "serve": (_serve, "Serve enroll / predict over HTTP with a web page and metrics."),
     "bench": (_bench, "Latency, accuracy and enrollment benchmarks."),
     "data": (_data, "Verify, describe and pack datasets."),
     "demo": (_demo, "Run the whole pipeline on built-in synthetic data."),
@@ -115,6 +122,10 @@ EXTRAS = {
     "scipy": "train",
     "matplotlib": "train",
     "onnxruntime": "cpu",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "multipart": "serve",
+    "prometheus_client": "serve",
 }
 
 

@@ -1,4 +1,4 @@
-"""`mtl-edge bench latency|accuracy|enroll|compare`: benchmarks with JSON + Markdown reports.
+"""`mtl-edge bench latency|accuracy|enroll|serve|compare`: benchmarks with JSON + Markdown reports.
 
 Heavy imports (torch, onnxruntime, matplotlib) happen inside the commands, so `mtl-edge bench
 --help` stays fast.
@@ -227,6 +227,44 @@ def register(app: typer.Typer, name: str) -> None:
             budget=_timing(min_time, min_runs, 0.1, 3),
         )
         _report("enroll", cfg, enroll_bench.run_enroll(cfg), out, as_json)
+
+    @group.command("serve", help="Loopback load on `mtl-edge serve`, batching off and on.")
+    def serve(
+        bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+        images: Path | None = typer.Option(None, "--images", help="Class folders of photos."),
+        backend: str = typer.Option("onnxruntime-cpu", "--backend"),
+        precision: str = typer.Option("int8", "--precision"),
+        threads: int | None = typer.Option(None, "--threads"),
+        clients: int = typer.Option(16, "--clients", help="Concurrent predict clients."),
+        duration: float = typer.Option(30.0, "--duration", help="Seconds of load per mode."),
+        warmup: float = typer.Option(3.0, "--warmup", help="Seconds of unrecorded load."),
+        enroll_interval: float = typer.Option(2.0, "--enroll-interval", help="0: no enrolls."),
+        seed_classes: int = typer.Option(4, "--seed-classes", help="Classes enrolled first."),
+        shots: int = typer.Option(5, "--shots", help="Photos per seed class."),
+        max_batch: int = typer.Option(16, "--max-batch"),
+        max_delay_ms: float = typer.Option(2.0, "--max-delay-ms"),
+        modes: str = typer.Option("off,on", "--modes", help="Batching modes to run."),
+        rounds: int = typer.Option(1, "--rounds", help="Runs per mode, in A B B A order."),
+        seed: int = typer.Option(0, "--seed"),
+        out: Path | None = OUT_OPT,
+        as_json: bool = JSON_OPT,
+    ) -> None:
+        from mtl_edge.bench import serve_bench as sb
+        from mtl_edge.bench import serve_report as sr
+
+        cfg = sb.ServeBenchConfig(
+            bundle, images, backend, precision, threads, clients, duration, warmup,
+            enroll_interval, seed_classes=seed_classes, shots=shots, max_batch=max_batch,
+            max_delay_ms=max_delay_ms,
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()), rounds=rounds,
+            seed=seed,
+        )  # fmt: skip
+        out = out or _default_out("serve")
+        report = sr.make_report(cfg, sb.run_serve_bench(cfg, out / "work"))
+        paths = sr.write_outputs(report, out)
+        typer.echo(json.dumps(report, indent=2) if as_json else sr.to_markdown(report))
+        if not as_json:
+            typer.echo("written: " + ", ".join(str(p) for p in paths))
 
     @group.command("compare", help="Two reports of one kind side by side (ratio B / A).")
     def compare(
