@@ -14,7 +14,6 @@ import logging
 import resource
 import subprocess
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -219,46 +218,24 @@ def peak_memory() -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
 
 
-def matmul_rate(device: str | None = None, seconds: float = 1.0) -> dict[str, Any]:
-    """Measure a dense matrix-product rate on this machine.
-
-    bf16 8192^3 products on a GPU, fp32 1024^3 on the CPU; the mean of the products run in
-    about `seconds` after a warm-up.
+def matmul_rate(seconds: float = 1.0) -> dict[str, Any]:
+    """The dense matrix rate a staged run reports its FLOP/s against, measured now: bf16 on a
+    GPU (`mtl_edge.bench.gpu_peak.gpu_peaks`), fp32 on the CPU (`peak_rates`).
 
     Returns:
         {"device", "dtype", "n", "flops_per_s"}.
     """
-    import torch
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        from mtl_edge.bench.gpu_peak import gpu_peaks
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    gpu = dev.type == "cuda"
-    dtype, n = (torch.bfloat16, 8192) if gpu else (torch.float32, 1024)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-
-    def sync() -> None:
-        if gpu:
-            torch.cuda.synchronize(dev)
-
-    for _ in range(3):
-        a @ b
-    sync()
-    reps, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        reps += 1
-        if reps % 5 == 0 or not gpu:
-            sync()
-            if time.perf_counter() - start >= seconds:
-                break
-    sync()
-    elapsed = time.perf_counter() - start
-    return {
-        "device": str(dev),
-        "dtype": str(dtype).replace("torch.", ""),
-        "n": n,
-        "flops_per_s": 2 * n**3 * reps / elapsed,
-    }
+        bf16 = gpu_peaks()["matmul"]["bf16"]
+        return {"device": "cuda", "dtype": "bfloat16", "n": bf16["n"]} | {
+            "flops_per_s": bf16["tflops"] * 1e12
+        }
+    budget = TimingBudget(warmup_s=0.1, warmup_runs=2, min_time_s=seconds, min_runs=3)
+    fp32 = peak_rates(budget)["fp32"]
+    return {"device": "cpu", "dtype": "float32", "n": PEAK_N, "flops_per_s": fp32.get("ops_per_s")}
 
 
 def _main() -> None:
