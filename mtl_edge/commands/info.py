@@ -25,7 +25,11 @@ def register(app: typer.Typer, name: str) -> None:
     def info(
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     ) -> None:
+        from mtl_edge.signing import signing_available
+
         data = {"mtl_edge": __version__, **sysinfo.collect()}
+        reason = signing_available()
+        data["signing"] = {"available": reason is None, "missing_reason": reason}
         if as_json:
             typer.echo(json.dumps(data, indent=2))
             return
@@ -38,6 +42,8 @@ def register(app: typer.Typer, name: str) -> None:
             _line("onnxruntime", data["onnxruntime"]),
             _line("tensorrt", data["tensorrt"]),
             _line("torch", data["torch"]),
+            "bundle signing: "
+            + ("Ed25519 (cryptography)" if reason is None else f"not available ({reason})"),
             f"cpu: {cpu['model']} ({cpu['cores']} usable cores)",
             f"cpu flags: {' '.join(flags) or 'none of ' + ', '.join(sysinfo.INTERESTING_FLAGS)}",
         ]
