@@ -111,13 +111,19 @@ def read_regular(
         size = os.fstat(f.fileno()).st_size
         if size > max_bytes:
             raise error(f"{path}: {size} bytes is over the limit of {max_bytes}; {fix}")
+        # read(n) allocates n bytes up front: ask for the reported size, then for the rest in
+        # chunks (a file that grows or reports 0), never for the whole limit at once
+        chunks, total, want = [], 0, size + 1
         try:
-            data = f.read(max_bytes + 1)
+            while total <= max_bytes and (block := f.read(min(want, max_bytes + 1 - total))):
+                chunks.append(block)
+                total += len(block)
+                want = 1 << 20
         except OSError as e:
             raise error(f"{path}: cannot read ({e.strerror or e}); {fix}") from None
-    if len(data) > max_bytes:
+    if total > max_bytes:
         raise error(f"{path}: more than the limit of {max_bytes} bytes; {fix}")
-    return data
+    return b"".join(chunks)
 
 
 def in_pseudo_fs(path: str | Path) -> bool:

@@ -85,7 +85,7 @@ def prev_path(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
 
 
-def _checksum(members: dict[str, bytes]) -> str:
+def members_checksum(members: dict[str, bytes]) -> str:
     h = hashlib.sha256()
     for name in sorted(members):
         h.update(name.encode() + b"\0" + len(members[name]).to_bytes(8, "little"))
@@ -143,7 +143,7 @@ def gallery_bytes(g: Gallery) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for name in sorted(members):
             zf.writestr(name, members[name])
-        zf.writestr("CHECKSUM", _checksum(members) + "\n")
+        zf.writestr("CHECKSUM", members_checksum(members) + "\n")
     return buf.getvalue()
 
 
@@ -264,7 +264,7 @@ def _parse(data: bytes, name: str) -> Gallery:
     stored = members.pop("CHECKSUM", b"")
     if not _CHECKSUM_RE.match(stored):
         raise _Corrupt("no valid CHECKSUM member")
-    if _checksum(members) != stored.decode().strip():
+    if members_checksum(members) != stored.decode().strip():
         raise _Corrupt("checksum mismatch: the file was modified or damaged")
     if "gallery.json" not in members:
         raise _Corrupt("no gallery.json member")
