@@ -112,15 +112,19 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
 
 
 def _open_lock_file(path: Path) -> IO[bytes]:
-    """Open (or create) a lock file, refusing a directory, FIFO, device or socket in its place
-    before opening it (a FIFO would block, a device could act on open)."""
+    """Open (or create) a lock file, refusing a symlink, directory, FIFO, device or socket in its
+    place before opening it (a FIFO would block, a device could act on open, a symlink could
+    point at any file)."""
     fix = "remove it; mtl-edge recreates the lock file"
     with contextlib.suppress(FileNotFoundError):
-        mode = os.stat(path).st_mode
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise MtlEdgeError(f"{path}: is a symlink, not a lock file; {fix}")
         if not stat.S_ISREG(mode):
             raise MtlEdgeError(f"{path}: is {kind_of(mode)}, not a lock file; {fix}")
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, flags, 0o666)
     except OSError as e:
         raise MtlEdgeError(f"{path}: cannot open the lock file ({e.strerror}); {fix}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):

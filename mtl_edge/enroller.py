@@ -32,7 +32,14 @@ from mtl_edge.atomicio import file_lock
 from mtl_edge.backends.base import FeatureExtractor
 from mtl_edge.bundle import Bundle
 from mtl_edge.data.folders import IMAGE_EXTENSIONS, images_in, list_class_dirs
-from mtl_edge.errors import BundleError, DatasetError, GalleryError, ImageError, MtlEdgeError
+from mtl_edge.errors import (
+    BundleError,
+    DatasetError,
+    GalleryError,
+    ImageError,
+    MtlEdgeError,
+    one_line,
+)
 from mtl_edge.gallery import Gallery, Prediction, check_class_name, edit_gallery, lock_path
 from mtl_edge.gallery.storage import require_variant
 from mtl_edge.preprocess import MAX_IMAGE_FILE_BYTES, decode_image, preprocess_image
@@ -114,7 +121,7 @@ class Enroller:
         except MtlEdgeError:
             raise
         except Exception as e:  # noqa: BLE001 - the runtimes raise their own types
-            detail = " ".join(str(e).split())[:160]
+            detail = one_line(e)
             raise BundleError(
                 f"{where}: the backbone fails on inputs of shape {tuple(batch.shape)} made by "
                 f"the manifest's preprocess ({detail}); the manifest does not match the model, "

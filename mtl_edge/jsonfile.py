@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mtl_edge.errors import MtlEdgeError
+from mtl_edge.errors import MtlEdgeError, shown
 from mtl_edge.safefile import read_regular
 
 MAX_JSON_BYTES = 16 << 20
@@ -94,8 +94,8 @@ def read_json_document(
         raise error(f"{path}: not an mtl-edge {what} (schema {schema})")
     found = doc.get(version_key)
     if found != version or isinstance(found, bool):
-        shown = found if isinstance(found, int | float | str) else type(found).__name__
         raise error(
-            f"{path}: {what} schema version {str(shown)[:20]}, this mtl-edge reads {version}; {fix}"
+            f"{path}: {what} schema version {shown(found, 20)}, this mtl-edge reads "
+            f"{version}; {fix}"
         )
     return doc

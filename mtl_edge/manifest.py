@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mtl_edge.errors import BundleError, MtlEdgeError
+from mtl_edge.errors import BundleError, MtlEdgeError, shown
 from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.preprocess import Preprocess
 
@@ -62,13 +62,13 @@ def _is_int(value: Any) -> bool:
 def _text(value: Any, field: str, optional: bool = False) -> None:
     if optional and value is None:
         return
-    if not isinstance(value, str) or not _TEXT_RE.match(value):
+    if not isinstance(value, str) or not _TEXT_RE.match(value) or not value.isprintable():
         raise ValueError(f"{field} must be 1-200 printable characters")
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:
     if not _is_int(value) or not low <= value <= high:
-        raise ValueError(f"{field}={str(value)[:20]!r}: use an integer in {low}..{high}")
+        raise ValueError(f"{field}={shown(value)}: use an integer in {low}..{high}")
     return value
 
 
@@ -117,7 +117,7 @@ def _check_backbone(backbone: Any, preprocess: Preprocess) -> None:
     shape = backbone.get("input_shape")
     if shape is not None and shape != list(preprocess.input_shape):
         raise ValueError(
-            f"backbone.input_shape {str(shape)[:40]} disagrees with preprocess (size "
+            f"backbone.input_shape {shown(shape)} disagrees with preprocess (size "
             f"{preprocess.size}, {preprocess.color_mode}: {list(preprocess.input_shape)})"
         )
 
@@ -127,7 +127,7 @@ def _check_head(head: Any, files: Mapping[str, str]) -> HeadRecipe:
     known = set(HeadRecipe.__dataclass_fields__)
     unknown = sorted(str(k) for k in head if k not in known and k != "meta_init")
     if unknown:
-        raise ValueError(f"head has unknown keys {unknown[:5]}")
+        raise ValueError(f"head has unknown keys {shown(unknown[:5], 80)}")
     try:
         recipe = HeadRecipe(**{k: v for k, v in head.items() if k in known})
     except MtlEdgeError as e:

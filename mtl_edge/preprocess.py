@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from mtl_edge.errors import ImageError
+from mtl_edge.errors import ImageError, one_line, shown
 from mtl_edge.safefile import open_regular
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,16 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.color_mode not in ("RGB", "L"):
-            raise ImageError(f"preprocess.color_mode={self.color_mode!r}: use 'RGB' or 'L'")
+            raise ImageError(f"preprocess.color_mode={shown(self.color_mode)}: use 'RGB' or 'L'")
         if not _is_int(self.size) or not 0 < self.size <= MAX_INPUT_SIZE:
             raise ImageError(
-                f"preprocess.size={self.size!r}: use an integer in 1..{MAX_INPUT_SIZE}"
+                f"preprocess.size={shown(self.size)}: use an integer in 1..{MAX_INPUT_SIZE}"
             )
         if self.resize is not None and (
             not _is_int(self.resize) or not self.size <= self.resize <= MAX_RESIZE
         ):
             raise ImageError(
-                f"preprocess size={self.size}, resize={self.resize!r}: need an integer resize "
+                f"preprocess size={self.size}, resize={shown(self.resize)}: need an integer resize "
                 f"with size <= resize <= {MAX_RESIZE}, or none"
             )
         for key in ("mean", "std"):
@@ -139,13 +139,13 @@ class Preprocess:
             raise ImageError("preprocess.std: every value must be positive (at least 1e-6)")
         if not _is_real(self.scale) or not 0 < self.scale <= MAX_NORMALISATION:
             raise ImageError(
-                f"preprocess.scale={self.scale!r}: use a number in (0, {MAX_NORMALISATION:g}]"
+                f"preprocess.scale={shown(self.scale)}: use a number in (0, {MAX_NORMALISATION:g}]"
             )
         if not isinstance(self.invert, bool):
-            raise ImageError(f"preprocess.invert={self.invert!r}: use true or false")
+            raise ImageError(f"preprocess.invert={shown(self.invert)}: use true or false")
         if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATION:
             raise ImageError(
-                f"preprocess.interpolation={self.interpolation!r}: use one of "
+                f"preprocess.interpolation={shown(self.interpolation)}: use one of "
                 f"{', '.join(_INTERPOLATION)}"
             )
 
@@ -174,7 +174,7 @@ class Preprocess:
             raise ImageError(f"preprocess: expected an object, got {type(d).__name__}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ImageError(f"preprocess: unknown keys {sorted(map(str, unknown))}")
+            raise ImageError(f"preprocess: unknown keys {shown(sorted(map(str, unknown)), 80)}")
         return cls(**d)
 
 
@@ -245,7 +245,7 @@ def _decode(fp: Any, label: str, max_pixels: int, notes: list[str]) -> Image.Ima
                         notes.extend(printed)
             else:
                 img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # a copy would double the memory
         finally:
             for w in caught:
                 if issubclass(w.category, Image.DecompressionBombWarning):
@@ -310,8 +310,8 @@ def decode_image(
         except MemoryError:
             raise ImageError(f"{label}: too large to decode in the memory available") from None
         except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on bad data
-            detail = " ".join(str(e).split())[:160] or type(e).__name__
-            extra = f"; {' '.join(notes)[:200]}" if notes else ""
+            detail = one_line(e) or type(e).__name__
+            extra = f"; {one_line(' '.join(notes), 200)}" if notes else ""
             raise ImageError(f"{label}: corrupt or truncated image ({detail}{extra})") from None
     for note in notes:
         log.debug("%s: %s", label, note)

@@ -74,19 +74,21 @@ def edited_document(draw: st.DrawFn, doc: dict[str, Any]) -> dict[str, Any]:
         parent: Any = doc
         for key in path[:-1]:
             parent = parent[key]
+        # drawn values are copied: EDGE_VALUES holds lists that a later edit could extend
+        value = copy.deepcopy(draw(json_values))
         op = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
         if not path:
             op = "add"
         if op == "replace":
-            parent[path[-1]] = draw(json_values)
+            parent[path[-1]] = value
         elif op == "delete":
             del parent[path[-1]]
         else:
             target = parent[path[-1]] if path else doc
             if isinstance(target, dict):
-                target[draw(st.text(max_size=8))] = draw(json_values)
+                target[draw(st.text(max_size=8))] = value
             elif isinstance(target, list):
-                target.append(draw(json_values))
+                target.append(value)
     return doc
 
 

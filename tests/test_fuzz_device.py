@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=300,
     deadline=timedelta(seconds=5),
     derandomize=True,
     database=None,

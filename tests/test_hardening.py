@@ -96,6 +96,11 @@ def test_ordinary_images_resize_as_before() -> None:
 # ------------------------------------------------------------------------------------ hangs
 
 
+def test_nan_thresholds_on_the_command_line_are_refused(env) -> None:
+    one_error(cli("predict", *common(env), env["query"], "--threshold", "nan"), "--threshold")
+    one_error(cli("gallery", "threshold", env["gallery"], "nan"), "threshold nan")
+
+
 def test_fifo_image_and_fifo_manifest_are_refused_without_opening(env, tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
@@ -155,6 +160,8 @@ MANIFEST_DAMAGE = {
     "engine outside engines/": lambda m: m.update(engines=[{"file": "backbone.onnx"}]),
     "bad sha256": lambda m: m["files"].update({"backbone.onnx": "xyz"}),
     "input_shape disagrees": lambda m: m["backbone"].update(input_shape=[3, 99, 99]),
+    "newline in the version": lambda m: m.update(schema_version="1\nerror: forged"),
+    "newline in a value": lambda m: m["head"].update(init="zeros\nerror: forged"),
 }
 
 

@@ -138,6 +138,8 @@ CRAFTED = {
     "model_id is a number": dict(edit=lambda d: d.update(model_id=7)),
     "duplicate class names": dict(edit=_set_class(1, name="a")),
     "newline in a class name": dict(edit=_set_class(0, name="a\nforged\t9")),
+    "unicode line break in a class name": dict(edit=_set_class(0, name="a\u2028forged")),
+    "NEL in the backbone name": dict(edit=lambda d: d.update(backbone="x\x85y")),
     "class named unknown": dict(edit=_set_class(0, name="Unknown")),
     "NaN threshold": dict(raw_json=b'{"schema": "mtl-edge.gallery", "threshold": NaN}'),
     "threshold above 1": dict(edit=lambda d: d["threshold"].update(value=2.0)),
@@ -216,6 +218,11 @@ def test_non_regular_gallery_and_lock_files_are_refused(tmp_path: Path) -> None:
         pass
     with pytest.raises(MtlEdgeError, match="g.gallery.lock"), edit_gallery(path, new=_gallery()):
         pass
+    lock_path(path).rmdir()
+    lock_path(path).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(MtlEdgeError, match="symlink"), edit_gallery(path, new=_gallery()):
+        pass
+    assert not (tmp_path / "elsewhere").exists()
     assert not path.exists()
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mtl_edge.errors import BundleError
+from mtl_edge.errors import BundleError, shown
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +77,22 @@ class HeadRecipe:
         # A recipe comes from manifests and galleries, which are untrusted: every field is
         # type-checked and bounded (steps: 1e9 would hang the device).
         if not isinstance(self.init, str) or self.init not in HEAD_INITS:
-            raise BundleError(f"head.init={self.init!r}: use one of {', '.join(HEAD_INITS)}")
+            raise BundleError(f"head.init={shown(self.init)}: use one of {', '.join(HEAD_INITS)}")
         if not isinstance(self.loss, str) or self.loss not in HEAD_LOSSES:
-            raise BundleError(f"head.loss={self.loss!r}: use one of {', '.join(HEAD_LOSSES)}")
+            raise BundleError(f"head.loss={shown(self.loss)}: use one of {', '.join(HEAD_LOSSES)}")
         if not _is_int(self.steps) or not 0 <= self.steps <= MAX_HEAD_STEPS:
-            raise BundleError(f"head.steps={self.steps!r}: use an integer in 0..{MAX_HEAD_STEPS}")
+            raise BundleError(
+                f"head.steps={shown(self.steps)}: use an integer in 0..{MAX_HEAD_STEPS}"
+            )
         if not _is_real(self.lr) or not 0 < self.lr <= MAX_HEAD_LR:
-            raise BundleError(f"head.lr={self.lr!r}: use a number in (0, {MAX_HEAD_LR:g}]")
+            raise BundleError(f"head.lr={shown(self.lr)}: use a number in (0, {MAX_HEAD_LR:g}]")
         if not _is_real(self.weight_decay) or not 0 <= self.weight_decay <= MAX_WEIGHT_DECAY:
             raise BundleError(
-                f"head.weight_decay={self.weight_decay!r}: use a number in "
+                f"head.weight_decay={shown(self.weight_decay)}: use a number in "
                 f"[0, {MAX_WEIGHT_DECAY:g}]"
             )
         if not isinstance(self.normalize, bool):
-            raise BundleError(f"head.normalize={self.normalize!r}: use true or false")
+            raise BundleError(f"head.normalize={shown(self.normalize)}: use true or false")
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "weight_decay", float(self.weight_decay))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl_edge.errors import GalleryError
+from mtl_edge.errors import GalleryError, shown
 from mtl_edge.fewshot.fc import HeadRecipe, HeadWeights, fit_head, predict_proba
 from mtl_edge.gallery.calibration import calibrate_threshold
 
@@ -72,7 +72,12 @@ class EnrolledClass:
 
 def check_class_name(name: str) -> str:
     """`name` if it is a valid class name, else GalleryError saying why."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name != name.strip():
+    if (
+        not isinstance(name, str)
+        or not _NAME_RE.match(name)
+        or not name.isprintable()  # also refuses U+2028, NEL: line breaks to terminals
+        or name != name.strip()
+    ):
         raise GalleryError(
             f"class name {str(name)[:60]!r}: use 1-200 printable characters, no slashes and no "
             "leading or trailing spaces"
@@ -102,11 +107,15 @@ def check_source(source: Any) -> dict[str, str] | None:
 
 
 def _check_identity(model_id: Any, feature_dim: Any, backbone: Any, variant: Any) -> None:
-    if not isinstance(model_id, str) or not _TEXT_RE.match(model_id):
+    if not isinstance(model_id, str) or not _TEXT_RE.match(model_id) or not model_id.isprintable():
         raise GalleryError("model_id must be 1-200 printable characters")
     if not isinstance(feature_dim, int | np.integer) or not 1 <= feature_dim <= MAX_FEATURE_DIM:
-        raise GalleryError(f"feature_dim {feature_dim!r}: use an integer in 1..{MAX_FEATURE_DIM}")
-    if not isinstance(backbone, str) or not (backbone == "" or _TEXT_RE.match(backbone)):
+        raise GalleryError(
+            f"feature_dim {shown(feature_dim)}: use an integer in 1..{MAX_FEATURE_DIM}"
+        )
+    if not isinstance(backbone, str) or not (
+        backbone == "" or (_TEXT_RE.match(backbone) and backbone.isprintable())
+    ):
         raise GalleryError("backbone must be up to 200 printable characters")
     if variant is not None and not (isinstance(variant, str) and _VARIANT_RE.match(variant)):
         raise GalleryError(f"variant {str(variant)[:40]!r}: not a bundle variant name")

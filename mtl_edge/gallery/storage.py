@@ -43,7 +43,7 @@ from typing import IO
 import numpy as np
 
 from mtl_edge.atomicio import atomic_write, file_lock, fsync_dir
-from mtl_edge.errors import GalleryError
+from mtl_edge.errors import GalleryError, one_line, shown
 from mtl_edge.gallery.state import Gallery, now
 from mtl_edge.gallery.validate import Invalid, build_gallery
 from mtl_edge.jsonfile import parse_json
@@ -209,14 +209,14 @@ def _read_members(data: bytes) -> dict[str, bytes]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - zipfile raises many types on damaged bytes
-        raise _Corrupt(f"not a readable gallery file ({type(e).__name__}: {e})") from None
+        raise _Corrupt(f"not a readable gallery file ({type(e).__name__}: {one_line(e)})") from None
     with zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
         unknown = sorted(set(names) - set(MEMBERS))
         if unknown or len(names) != len(set(names)):
-            shown = unknown[0][:40] if unknown else "a repeated name"
-            raise _Corrupt(f"unexpected member {shown!r}")
+            name = shown(unknown[0]) if unknown else "a repeated name"
+            raise _Corrupt(f"unexpected member {name}")
         total = 0
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED:
@@ -239,7 +239,7 @@ def _read_members(data: bytes) -> dict[str, bytes]:
         try:
             return {i.filename: zf.read(i) for i in infos}
         except Exception as e:  # noqa: BLE001 - zipfile: bad CRC, bad local header, EOF, ...
-            raise _Corrupt(f"a member is damaged ({type(e).__name__}: {e})") from None
+            raise _Corrupt(f"a member is damaged ({type(e).__name__}: {one_line(e)})") from None
 
 
 def parse(data: bytes, name: str = "<gallery>") -> Gallery:
@@ -277,7 +277,7 @@ def _parse(data: bytes, name: str) -> Gallery:
     version = doc.get("schema_version")
     if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise GalleryError(
-            f"{name}: gallery format version {str(version)[:20]}, this mtl-edge reads "
+            f"{name}: gallery format version {shown(version)}, this mtl-edge reads "
             f"{READABLE_VERSIONS[0]}-{READABLE_VERSIONS[-1]}; upgrade mtl-edge or re-enroll"
         )
     return build_gallery(doc, members)

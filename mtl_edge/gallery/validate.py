@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl_edge.errors import MtlEdgeError
+from mtl_edge.errors import MtlEdgeError, shown
 from mtl_edge.fewshot.fc import HEAD_INITS, HeadRecipe, HeadWeights
 from mtl_edge.gallery.state import (
     FEATURE_DTYPES,
@@ -52,14 +52,19 @@ def _object(value: Any, field: str, keys: set[str] | None = None) -> dict[str, A
 
 
 def _text(value: Any, field: str, min_len: int = 0) -> str:
-    if not isinstance(value, str) or not _TEXT_RE.match(value) or len(value) < min_len:
+    if (
+        not isinstance(value, str)
+        or not _TEXT_RE.match(value)
+        or not value.isprintable()
+        or len(value) < min_len
+    ):
         raise Invalid(f"{field} must be up to 200 printable characters")
     return value
 
 
 def _int(value: Any, field: str, low: int, high: int) -> int:
     if not _is_int(value) or not low <= value <= high:
-        raise Invalid(f"{field}={str(value)[:20]!r}: need an integer in {low}..{high}")
+        raise Invalid(f"{field}={shown(value)}: need an integer in {low}..{high}")
     return value
 
 
@@ -113,9 +118,9 @@ def _threshold(value: Any) -> tuple[float, str, dict[str, Any]]:
         or not math.isfinite(cut)
         or not 0.0 <= cut <= 1.0
     ):
-        raise Invalid(f"threshold.value={str(cut)[:20]}: need a probability in [0, 1]")
+        raise Invalid(f"threshold.value={shown(cut)}: need a probability in [0, 1]")
     if mode not in ("auto", "manual"):
-        raise Invalid(f"threshold.mode={str(mode)[:20]!r}: need 'auto' or 'manual'")
+        raise Invalid(f"threshold.mode={shown(mode)}: need 'auto' or 'manual'")
     return float(cut), mode, _object(value.get("calibration", {}), "threshold.calibration")
 
 
@@ -148,7 +153,7 @@ def build_gallery(doc: Any, members: dict[str, bytes]) -> Gallery:
     dim = _int(doc.get("feature_dim"), "feature_dim", 1, MAX_FEATURE_DIM)
     dtype = doc.get("feature_dtype")
     if dtype not in FEATURE_DTYPES:
-        raise Invalid(f"feature_dtype={str(dtype)[:20]!r}: need float16 or float32")
+        raise Invalid(f"feature_dtype={shown(dtype)}: need float16 or float32")
     variant = doc.get("variant")
     if variant is not None and not (isinstance(variant, str) and _VARIANT_RE.match(variant)):
         raise Invalid("variant must be a bundle variant name or null")
