@@ -72,6 +72,8 @@ def open_regular(
     try:
         before = os.stat(name)
     except OSError as e:
+        if e.errno == errno.ENOENT and os.path.islink(name):
+            raise error(f"{name}: is a symlink to a missing file; {fix}") from None
         if e.errno == errno.ENOENT and missing is not None:
             raise error(f"{name}: {missing}") from None
         raise error(f"{name}: {_os_reason(e)}; {fix}") from None
