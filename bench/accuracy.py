@@ -8,10 +8,11 @@ the model, variant, backend and split), and every setting reuses them. The diffe
 precision against FP32 is the mean of per-episode accuracy differences, whose interval is much
 narrower than either accuracy's because the episode difficulty cancels.
 
-Heads: "fc" fits the bundle's head recipe (the device's base-learner,
-`mtl_edge.fewshot.fc.fit_head`)
-on the support features; "centroid" classifies by the nearest class mean of L2-normalised
-features (no training, isolates the features).
+Heads are the few-shot core's (`mtl_edge.fewshot.heads`, through the one evaluation loop):
+"mtl" (alias "fc") fits the bundle's head recipe from its meta-learned init, as the device
+does; "centroid" classifies by the cosine nearest class mean (no training, isolates the
+features); "logreg" is RFS-simple. The same head on the same episodes gives the same number
+here as in meta-test, the grid and export's checks.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from mtl_edge.bundle import Bundle
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
-from mtl_edge.fewshot.fc import fit_head, head_logits, l2_normalize
-from mtl_edge.stats import mean_ci, paired_difference
+from mtl_edge.fewshot.evaluate import EvalResult, evaluate_episodes
+from mtl_edge.fewshot.heads import FEATURE_HEADS, canonical_heads, feature_head
 
 log = logging.getLogger(__name__)
 
-HEADS = ("fc", "centroid")
 DATASETS = ("folders",)
 ACCURACY_BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "auto")
 
@@ -56,7 +56,7 @@ class AccuracyConfig:
     seed: int = 0
     backends: Sequence[str] = ("onnxruntime",)
     precisions: Sequence[str] = ("fp32", "int8-cpu")
-    head: str = "fc"
+    head: str = "mtl"
     cache: Path | None = None
     threads: int | None = None
     batch_size: int = 64
@@ -161,32 +161,6 @@ def extract_features(
     return feats, info, skipped
 
 
-def episode_accuracy(feats: np.ndarray, episode: Episode, head: str, bundle: Bundle) -> float:
-    """Query accuracy (0..1) of one episode.
-
-    Args:
-        feats: features indexed like the split, shape (N_split, D); only the rows of the
-            episode's support and query samples are read.
-        head: "fc" (the bundle's head recipe) or "centroid".
-    """
-    xs, xq = feats[episode.support], feats[episode.query]
-    ys, yq = episode.support_labels(), episode.query_labels()
-    if head == "centroid":
-        xs, xq = l2_normalize(xs.astype(np.float64)), l2_normalize(xq.astype(np.float64))
-        centroids = np.stack([xs[ys == c].mean(axis=0) for c in range(episode.ways)])
-        dist = ((xq[:, None, :] - centroids[None]) ** 2).sum(-1)
-        pred = dist.argmin(axis=1)
-    else:
-        r = bundle.head
-        meta = bundle.meta_init()
-        init = r.init
-        if init == "meta" and (meta is None or meta[0].shape[0] != episode.ways):
-            init = "zeros"
-        w = fit_head(xs, ys, episode.ways, r.steps, r.lr, init, meta, r.normalize, r.weight_decay)
-        pred = head_logits(xq, w).argmax(axis=1)
-    return float((pred == yq).mean())
-
-
 def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     """Accuracy rows of every (backend, precision, ways, shots); the `results` of a report.
 
@@ -198,8 +172,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     Raises:
         ConfigError / DatasetError: bad names, a split too small for the settings.
     """
-    if cfg.head not in HEADS:
-        raise ConfigError(f"--head {cfg.head!r}: use one of {', '.join(HEADS)}")
+    (head_name,) = canonical_heads([cfg.head], FEATURE_HEADS)
     if cfg.episodes < 1:
         raise ConfigError(f"--episodes {cfg.episodes}: must be at least 1")
     from mtl_edge.backends.select import PRECISIONS
@@ -211,6 +184,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         if p not in PRECISIONS:
             raise ConfigError(f"--precisions {p!r}: use some of {', '.join(PRECISIONS)}")
     bundle = Bundle.load(cfg.bundle)
+    heads = {head_name: feature_head(head_name, bundle.head, bundle.meta_init())}
     split = read_split(cfg)
     episodes = draw_episodes(cfg, split)
     indices = needed_indices(episodes)
@@ -219,14 +193,14 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     )
     pairs = [(b, p) for b in cfg.backends for p in cfg.precisions]
     features, info, skipped = extract_features(split, indices, bundle, pairs, cfg)
-    per_episode: dict[tuple[str, str], dict[tuple[int, int], np.ndarray]] = {}
+    per_episode: dict[tuple[str, str], dict[tuple[int, int], EvalResult]] = {}
     for pair in pairs:
         if pair not in features:
             continue
         table = np.zeros((len(split), features[pair].shape[1]), dtype=np.float32)
         table[indices] = features[pair]
         per_episode[pair] = {
-            setting: np.array([episode_accuracy(table, e, cfg.head, bundle) for e in eps])
+            setting: evaluate_episodes(table, split.labels, eps, heads)[head_name]
             for setting, eps in episodes.items()
         }
     if not per_episode:
@@ -238,15 +212,12 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     rows = []
     for key, by_setting in per_episode.items():
         for (ways, shots), acc in by_setting.items():
-            mean, ci = mean_ci(acc * 100)
             row: dict[str, Any] = {
                 "backend": key[0], "precision": key[1], **info[key],
-                "ways": ways, "shots": shots, "accuracy": mean, "ci95": ci,
+                "ways": ways, "shots": shots, "accuracy": acc.mean, "ci95": acc.ci95,
             }  # fmt: skip
             if key != reference:
-                diff, dci = paired_difference(
-                    per_episode[reference][(ways, shots)] * 100, acc * 100
-                )
+                diff, dci = acc.minus(per_episode[reference][(ways, shots)])
                 row["diff_vs_reference"], row["diff_ci95"] = diff, dci
             rows.append(row)
     return {
@@ -259,5 +230,5 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "episodes": cfg.episodes,
         "queries": cfg.queries,
-        "head": cfg.head,
+        "head": head_name,
     }

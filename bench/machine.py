@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import subprocess
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -191,6 +193,72 @@ def onnx_flops_per_image(path: str, input_shape: tuple[int, int, int]) -> float:
             if a:
                 macs += float(np.prod(out_shape)) * a[-1]
     return 2.0 * macs
+
+
+def _cuda() -> bool:
+    torch = sys.modules.get("torch")  # only when the caller already uses torch
+    return bool(torch is not None and torch.cuda.is_available())
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (CUDA allocator; the CPU peak RSS cannot be reset)."""
+    if _cuda():
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> tuple[int, str]:
+    """(bytes, what was measured): GPU allocator peak, else this process's peak RSS."""
+    if _cuda():
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()), "cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes. The RSS peak is the process's so far, not the stage's.
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+
+
+def matmul_rate(device: str | None = None, seconds: float = 1.0) -> dict[str, Any]:
+    """Measure a dense matrix-product rate on this machine.
+
+    bf16 8192^3 products on a GPU, fp32 1024^3 on the CPU; the mean of the products run in
+    about `seconds` after a warm-up.
+
+    Returns:
+        {"device", "dtype", "n", "flops_per_s"}.
+    """
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = dev.type == "cuda"
+    dtype, n = (torch.bfloat16, 8192) if gpu else (torch.float32, 1024)
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize(dev)
+
+    for _ in range(3):
+        a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 5 == 0 or not gpu:
+            sync()
+            if time.perf_counter() - start >= seconds:
+                break
+    sync()
+    elapsed = time.perf_counter() - start
+    return {
+        "device": str(dev),
+        "dtype": str(dtype).replace("torch.", ""),
+        "n": n,
+        "flops_per_s": 2 * n**3 * reps / elapsed,
+    }
 
 
 def _main() -> None:

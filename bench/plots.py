@@ -81,6 +81,10 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> Path:
 
 def plot_report(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     """The plots of a report's kind written into `out`; enroll reports have none."""
+    if report["kind"] == "latency" and report["results"].get("gpu_peak"):
+        from mtl_edge.bench.gpu_report import plot_gpu
+
+        return [plot_gpu(report, out / f"{stem}.png")]
     if report["kind"] == "latency" and report["results"].get("settings"):
         return [plot_latency(report, out / f"{stem}.png")]
     if report["kind"] == "accuracy" and report["results"].get("rows"):

@@ -136,9 +136,12 @@ def latency_markdown(report: dict[str, Any]) -> str:
     if "error" in peak:
         lines.append(f"- peak: {peak['error']}")
     lines.append("")
+    # The mode column (GPU: compute / copies) only where some setting is not a host one.
+    modes = any(s.get("mode", "host") != "host" for s in res.get("settings", []))
     header = [
         "backend",
         "precision",
+        *(["mode"] if modes else []),
         "provider",
         "batch",
         "median ms",
@@ -157,6 +160,7 @@ def latency_markdown(report: dict[str, Any]) -> str:
                 [
                     s["backend"],
                     s["precision"],
+                    *([str(s.get("mode"))] if modes else []),
                     str(s.get("provider", "-")),
                     str(b["batch"]),
                     _fmt(b["median_ms"], 3),
@@ -170,6 +174,9 @@ def latency_markdown(report: dict[str, Any]) -> str:
                 ]
             )
     lines += _table(header, rows)
+    from mtl_edge.bench.gpu_report import markdown_lines
+
+    lines += markdown_lines(res)
     lines += _skipped_lines(res)
     return "\n".join(lines) + "\n"
 

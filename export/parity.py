@@ -2,8 +2,10 @@
 
 Tensor parity: onnxruntime (CPU) against PyTorch on the same random inputs at several batch
 sizes: max abs difference and the smallest per-row cosine. Episode parity: nearest-centroid
-5-way predictions from both feature sets on the same fixed episodes must be identical.
-The same episode tools measure the accuracy change of the INT8 / FP16 variants.
+5-way predictions from both feature sets on the same seeded episodes must be identical. The
+same episodes measure the accuracy change of the INT8 / FP16 variants with the bundle's own
+head and the centroid head, through the one evaluation loop of `mtl_edge.fewshot.evaluate`.
+torch is imported only by `torch_features` (the device's `export check` runs without it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import MtlEdgeError
+from mtl_edge.fewshot.evaluate import evaluate_episodes
+from mtl_edge.fewshot.heads import CentroidHead, HeadFactory
 from mtl_edge.preprocess import Preprocess, preprocess_image
 
 log = logging.getLogger(__name__)
@@ -120,62 +124,12 @@ def split_images(split: ImageSplit, preprocess: Preprocess) -> np.ndarray:
     return np.stack([preprocess_image(split.image(i), preprocess) for i in range(len(split))])
 
 
-def nearest_centroid(features: np.ndarray, episode: Episode) -> np.ndarray:
-    """Predicted episode labels of the query set, shape (ways * queries,): the class whose
-    support mean is nearest (Euclidean) to each query feature. `features` is (N, D) over the
-    whole split, indexed by the episode's sample indices."""
-    support = features[episode.support].reshape(episode.ways, episode.shots, -1).mean(axis=1)
-    query = features[episode.query]
-    d2 = ((query[:, None, :] - support[None, :, :]) ** 2).sum(axis=2)
-    return d2.argmin(axis=1)
-
-
-def per_episode_accuracy(features: np.ndarray, episodes: Sequence[Episode]) -> np.ndarray:
-    """Nearest-centroid query accuracy of each episode, shape (len(episodes),)."""
-    return np.array([(nearest_centroid(features, e) == e.query_labels()).mean() for e in episodes])
-
-
-def mean_ci95(values: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% interval half-width (1.96 std / sqrt n) of per-episode values."""
-    ci = 1.96 * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-    return float(values.mean()), float(ci)
-
-
-def episode_accuracy(features: np.ndarray, episodes: Sequence[Episode]) -> dict[str, float]:
-    """Mean nearest-centroid accuracy over `episodes` and its 95% interval."""
-    mean, ci = mean_ci95(per_episode_accuracy(features, episodes))
-    return {"accuracy": mean, "ci95": ci, "episodes": len(episodes)}
-
-
-def episode_agreement(
-    reference: np.ndarray, candidate: np.ndarray, episodes: Sequence[Episode]
-) -> dict[str, Any]:
-    """How often two feature sets give the same nearest-centroid predictions.
-
-    Returns:
-        {"episodes", "identical_episodes", "query_agreement", "accuracy_reference",
-        "accuracy_candidate", "pass" (all episodes identical)}.
-    """
-    identical, agree, total = 0, 0, 0
-    for e in episodes:
-        a, b = nearest_centroid(reference, e), nearest_centroid(candidate, e)
-        identical += bool((a == b).all())
-        agree += int((a == b).sum())
-        total += len(a)
-    return {
-        "episodes": len(episodes),
-        "identical_episodes": identical,
-        "query_agreement": agree / max(total, 1),
-        "accuracy_reference": episode_accuracy(reference, episodes)["accuracy"],
-        "accuracy_candidate": episode_accuracy(candidate, episodes)["accuracy"],
-        "pass": identical == len(episodes),
-    }
-
-
-def fixed_episodes(
+def check_episodes(
     split: ImageSplit, count: int, shots: int, ways: int = 5, queries: int = 15, seed: int = 0
 ) -> list[Episode]:
-    """Episodes 0..count-1 of seed `seed` over `split` (queries lowered to fit small classes)."""
+    """Episodes 0..count-1 of `EpisodeSampler.for_split(split, ways, shots, queries', seed)`,
+    queries' = queries lowered to what the split's smallest class allows (export's checks run
+    on a few images per class)."""
     smallest = int(split.class_counts().min())
     queries = min(queries, smallest - shots)
     if queries < 1:
@@ -184,6 +138,82 @@ def fixed_episodes(
             "queries; use evaluation data with more images per class"
         )
     return EpisodeSampler.for_split(split, ways, shots, queries, seed).episodes(count)
+
+
+def episode_agreement(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    labels: np.ndarray,
+    episodes: Sequence[Episode],
+    head: HeadFactory = CentroidHead,
+) -> dict[str, Any]:
+    """How often two feature sets of one split ((N, D) each) give the same predictions of the
+    same head on the same episodes.
+
+    Returns:
+        {"episodes", "identical_episodes", "query_agreement", "accuracy_reference",
+        "accuracy_candidate", "pass" (all episodes identical)}.
+    """
+    identical, agree, total = 0, 0, 0
+    for e in episodes:
+        preds = []
+        for feats in (reference, candidate):
+            h = head()
+            h.fit(feats[e.support], e.support_labels())
+            preds.append(np.asarray(h.predict(feats[e.query])).argmax(axis=1))
+        same = preds[0] == preds[1]
+        identical += bool(same.all())
+        agree += int(same.sum())
+        total += len(same)
+    acc = {
+        name: evaluate_episodes(feats, labels, episodes, {"h": head})["h"].mean
+        for name, feats in (("reference", reference), ("candidate", candidate))
+    }
+    return {
+        "episodes": len(episodes),
+        "identical_episodes": identical,
+        "query_agreement": agree / max(total, 1),
+        "accuracy_reference": acc["reference"],
+        "accuracy_candidate": acc["candidate"],
+        "pass": identical == len(episodes),
+    }
+
+
+def accuracy_change(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    split: ImageSplit,
+    heads: dict[str, HeadFactory],
+    episodes: int = 600,
+    seed: int = 0,
+    shots: Sequence[int] = (1, 5),
+) -> dict[str, Any]:
+    """5-way accuracy of two feature sets of `split` ((N, D) each) with every head on the same
+    episodes, and the paired change (candidate - reference), in percent.
+
+    Returns:
+        {"data", "max_abs", "cosine_min", "5way_<k>shot": {head: {"reference", "candidate",
+        "ci95", "change", "change_ci95", "episodes", "queries_per_class"}}}.
+    """
+    out: dict[str, Any] = {"data": split.name, **compare_features(reference, candidate)}
+    for k in shots:
+        eps = check_episodes(split, episodes, k, seed=seed)
+        ref = evaluate_episodes(reference, split.labels, eps, heads)
+        got = evaluate_episodes(candidate, split.labels, eps, heads)
+        table = {}
+        for name in heads:
+            change, change_ci = got[name].minus(ref[name])
+            table[name] = {
+                "reference": ref[name].mean,
+                "candidate": got[name].mean,
+                "ci95": got[name].ci95,
+                "change": change,
+                "change_ci95": change_ci,
+                "episodes": len(eps),
+                "queries_per_class": eps[0].queries,
+            }
+        out[f"5way_{k}shot"] = table
+    return out
 
 
 def features_parity(
@@ -195,10 +225,11 @@ def features_parity(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Episode-level parity on real (preprocessed) images of `split`: feature differences and
-    identical 5-way 1-shot predictions on `episodes` fixed episodes."""
+    identical 5-way 1-shot nearest-centroid predictions on `episodes` fixed episodes."""
     ref = torch_features(model, images)
     got = ort_features(session, images)
     report: dict[str, Any] = {"data": split.name, "images": len(images)}
     report.update(compare_features(ref, got))
-    report["episodes"] = episode_agreement(ref, got, fixed_episodes(split, episodes, 1, seed=seed))
+    eps = check_episodes(split, episodes, 1, seed=seed)
+    report["episodes"] = episode_agreement(ref, got, split.labels, eps)
     return report

@@ -24,7 +24,7 @@ import numpy as np
 
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import DatasetError, MtlEdgeError
-from mtl_edge.export.parity import fixed_episodes, ort_session
+from mtl_edge.export.parity import ort_session
 from mtl_edge.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -177,35 +177,6 @@ def runtime_conv_kernels(path: str | Path) -> dict[str, Any]:
         "float": sum(ops[o] for o in FLOAT_CONV_OPS),
         "ops": dict(sorted(ops.items())),
     }
-
-
-def accuracy_change(
-    reference: np.ndarray,
-    candidate: np.ndarray,
-    split: ImageSplit,
-    episodes: int = 600,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Nearest-centroid 5-way accuracy of two feature sets of `split` ((N, D) each) on the same
-    fixed 1-shot and 5-shot episodes, and the change."""
-    from mtl_edge.export.parity import compare_features, mean_ci95, per_episode_accuracy
-
-    out: dict[str, Any] = {"data": split.name, **compare_features(reference, candidate)}
-    for shots in (1, 5):
-        eps = fixed_episodes(split, episodes, shots, seed=seed)
-        ref = per_episode_accuracy(reference, eps)
-        got = per_episode_accuracy(candidate, eps)
-        change, change_ci = mean_ci95(got - ref)  # paired: same episodes for both
-        out[f"5way_{shots}shot"] = {
-            "fp32": float(ref.mean()),
-            "variant": float(got.mean()),
-            "ci95": mean_ci95(got)[1],
-            "change": change,
-            "change_ci95": change_ci,
-            "episodes": len(eps),
-            "queries_per_class": eps[0].queries,
-        }
-    return out
 
 
 def require_quantized(report: dict[str, Any], variant: str, path: Path) -> None:

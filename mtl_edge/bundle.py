@@ -32,7 +32,6 @@ into place.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,7 +43,7 @@ from mtl_edge import manifest as schema
 from mtl_edge.atomicio import atomic_write_bytes, atomic_write_json, staged_dir
 from mtl_edge.errors import BundleError
 from mtl_edge.fewshot.fc import HeadRecipe
-from mtl_edge.jsonfile import read_json_document
+from mtl_edge.jsonfile import json_safe, read_json_document
 from mtl_edge.npyfile import parse_npy
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.safefile import open_regular, read_regular
@@ -215,7 +214,7 @@ class Bundle:
             atomic_write_bytes(self.root / rel, data)
             manifest["files"][rel] = hashlib.sha256(data).hexdigest()
         manifest.update(updates)
-        manifest = _finite(manifest)
+        manifest = json_safe(manifest)
         preprocess, head = schema.check_manifest(manifest, self.root / MANIFEST)
         atomic_write_json(self.root / MANIFEST, manifest)
         self.manifest, self._preprocess, self._head = manifest, preprocess, head
@@ -226,17 +225,6 @@ def _checked_name(rel: str) -> str:
         return schema.check_relpath(rel)
     except ValueError as e:
         raise BundleError(f"bundle file name: {e}") from None
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no NaN or infinity: such floats in free-form reports become null."""
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def write_bundle(
@@ -272,7 +260,7 @@ def write_bundle(
         missing = [k for k in REQUIRED_KEYS if k not in doc]
         if missing:
             raise BundleError(f"write_bundle: manifest lacks {missing}")
-        doc = _finite(doc)
+        doc = json_safe(doc)
         schema.check_manifest(doc, Path(out) / MANIFEST)
         atomic_write_json(stage / MANIFEST, doc)
     return Bundle.load(out)

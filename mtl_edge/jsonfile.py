@@ -1,5 +1,5 @@
-"""Reading the project's versioned JSON files (bundle manifests, shard indexes, episode lists,
-the gallery's `gallery.json`).
+"""The project's JSON files: reading the versioned ones (bundle manifests, shard indexes,
+episode lists, the gallery's `gallery.json`) and making report data JSON-safe.
 
 These files can come from elsewhere, so reading is bounded: regular files only (a FIFO is
 refused before it is opened, `mtl_edge.safefile`), at most `MAX_JSON_BYTES`, nesting at most
@@ -11,6 +11,8 @@ one line that names the file and the fix, never a traceback.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,19 @@ def read_json_document(
             f"{version}; {fix}"
         )
     return doc
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain JSON of nested data: paths as text, numpy arrays and tensors as lists, numpy and
+    torch scalars as numbers, inf and NaN as null (what the report files hold)."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -6,12 +6,12 @@ one machine to the next and results only mean something with the machine named.
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,46 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
-def _version(module: str) -> tuple[str | None, str | None]:
-    """(version, None) if importable, else (None, one-line reason)."""
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def onnxruntime_info() -> dict[str, Any]:
+    """onnxruntime's version and providers, or why it does not import."""
     try:
-        mod = importlib.import_module(module)
+        import onnxruntime
     except Exception as e:  # noqa: BLE001 - any import failure is a reason to report
-        return None, f"{type(e).__name__}: {e}".splitlines()[0]
-    return str(getattr(mod, "__version__", "unknown")), None
+        return {"version": None, "missing_reason": _reason(e)}
+    return {
+        "version": onnxruntime.__version__,
+        "missing_reason": None,
+        "providers": onnxruntime.get_available_providers(),
+    }
+
+
+def tensorrt_info() -> dict[str, Any]:
+    """TensorRT's version, or why it does not import (the wheel can be a stub)."""
+    try:
+        import tensorrt
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason to report
+        return {"version": None, "missing_reason": _reason(e)}
+    return {"version": str(getattr(tensorrt, "__version__", "unknown")), "missing_reason": None}
+
+
+def torch_info() -> dict[str, Any]:
+    """torch's installed version (read from its metadata: the device side never imports torch)
+    and, when the calling program has imported torch already, its CUDA state and threads."""
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return {"version": None, "missing_reason": "torch is not installed"}
+    info: dict[str, Any] = {"version": version, "missing_reason": None}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["cuda"] = torch.version.cuda
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        info["threads"] = torch.get_num_threads()
+    return info
 
 
 def git_commit() -> str | None:
@@ -104,32 +137,17 @@ def gpu_info() -> list[dict[str, str]]:
     return gpus
 
 
-def collect(include_torch: bool = True) -> dict[str, Any]:
+def collect() -> dict[str, Any]:
     """Everything `mtl-edge info` prints, as a JSON-ready dict."""
     import numpy
 
-    info: dict[str, Any] = {
+    return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "numpy": numpy.__version__,
         "cpu": cpu_info(),
         "gpus": gpu_info(),
+        "onnxruntime": onnxruntime_info(),
+        "tensorrt": tensorrt_info(),
+        "torch": torch_info(),
     }
-    ort_version, ort_reason = _version("onnxruntime")
-    info["onnxruntime"] = {"version": ort_version, "missing_reason": ort_reason}
-    if ort_version is not None:
-        import onnxruntime
-
-        info["onnxruntime"]["providers"] = onnxruntime.get_available_providers()
-    trt_version, trt_reason = _version("tensorrt")
-    info["tensorrt"] = {"version": trt_version, "missing_reason": trt_reason}
-    if include_torch:
-        torch_version, torch_reason = _version("torch")
-        info["torch"] = {"version": torch_version, "missing_reason": torch_reason}
-        if torch_version is not None:
-            import torch
-
-            info["torch"]["cuda"] = torch.version.cuda
-            info["torch"]["cuda_available"] = bool(torch.cuda.is_available())
-            info["torch"]["threads"] = torch.get_num_threads()
-    return info

@@ -19,16 +19,16 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 
 train() {  # name beta [--set ...]: skipped when OUT/name already holds a trained run
-  [ -f "$OUT/$1/checkpoints/last.pt" ] && return 0
+  [ -f "$OUT/$1/last.pt" ] && return 0
   "$MTL_EDGE" train joint --recipe "$RECIPE" --out "$OUT/$1" --set "joint.beta=$2" "${@:3}" \
     > "$OUT/$1.log" 2>&1
 }
 grid() {  # out ways shots episodes
   "$MTL_EDGE" train evaluate --grid --split val+test --seed 0 --out "$OUT/$1" \
     --ways "$2" --shots "$3" --episodes "$4" \
-    --checkpoint "$OUT/transfer/checkpoints/last.pt" \
-    --checkpoint "$OUT/reptile/checkpoints/last.pt" \
-    --checkpoint "$OUT/reptile-transfer/checkpoints/last.pt"
+    --checkpoint "$OUT/transfer/last.pt" \
+    --checkpoint "$OUT/reptile/last.pt" \
+    --checkpoint "$OUT/reptile-transfer/last.pt"
 }
 
 (train transfer 0.0 && train reptile 1.0) &

@@ -12,8 +12,8 @@ from torch import nn
 from mtl_edge.errors import ConfigError
 from mtl_edge.train.backbones import (
     BACKBONES,
+    ConvBN,
     backbone_names,
-    conv_bn_pairs,
     create_backbone,
 )
 from mtl_edge.train.ss import convert_to_ss
@@ -82,6 +82,11 @@ def test_model_args_rebuild_same_state_dict(name: str) -> None:
     again.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(model.eval()(x), again.eval()(x))
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.BatchNorm2d]]:
+    """Every (conv, bn) of the `ConvBN` blocks, which `fuse()` folds."""
+    return [(m.conv, m.bn) for m in model.modules() if isinstance(m, ConvBN)]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

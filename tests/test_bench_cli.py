@@ -61,7 +61,7 @@ def test_latency_random_model_has_torch_reference_and_peak(tmp_path: Path) -> No
     pytest.importorskip("torch")
     out = tmp_path / "lat"
     res = run(
-        "latency", "--random", "--backbone", "conv4", "--backbone-args", '{"width": 4}',
+        "latency", "--random", "--backbone", "conv4", "--backbone-arg", "width=4",
         "--image-size", "32", "--backends", "torch,onnxruntime", "--precisions", "fp32",
         "--batch-sizes", "2", "--rounds", "1", *QUICK, "--out", out, "--json",
     )  # fmt: skip
@@ -99,7 +99,7 @@ def test_accuracy_pairs_precisions_on_one_episode_list(bundle: Path, tmp_path: P
     again = run(*args[:-4], "--head", "fc", "--cache", cache, "--out", tmp_path / "b", "--json")
     assert again.returncode == 0, again.stderr
     redo = json.loads(again.stdout)["results"]
-    assert redo["head"] == "fc" and all(r["cached"] for r in redo["rows"])
+    assert redo["head"] == "mtl" and all(r["cached"] for r in redo["rows"])  # "fc" is an alias
     cmp = run("compare", tmp_path / "a" / "accuracy.json", tmp_path / "b" / "accuracy.json")
     assert cmp.returncode == 0, cmp.stderr
     assert "| onnxruntime | fp32 | 2 | 1 |" in cmp.stdout
@@ -139,7 +139,7 @@ def test_enroll_stage_times(bundle: Path, tmp_path: Path) -> None:
         (("latency", "--precisions", "int4", "--random", "--backbone", "conv4"), "--precisions"),
         (("latency", "--batch-sizes", "1,x", "--random", "--backbone", "conv4"), "--batch-sizes"),
         (("latency", "--random"), "--backbone"),
-        (("latency", "--random", "--backbone", "conv4", "--backbone-args", "[1]"), "JSON"),
+        (("latency", "--random", "--backbone", "conv4", "--backbone-arg", "w"), "KEY=VALUE"),
     ],
 )
 def test_bad_input_is_one_line(args: tuple[str, ...], needle: str) -> None:

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.train.backbones import create_backbone
 from mtl_edge.train.checkpoint import (
     CheckpointError,
     backbone_state,
+    deploy_section,
     load_checkpoint,
+    meta_head_recipe,
     read_checkpoint,
     save_checkpoint,
 )
@@ -28,6 +31,7 @@ def conv4_ckpt(width: int = 8) -> dict:
         "preprocess": Preprocess(size=16).to_dict(),
         "config": {"model": {"backbone": "conv4"}},
         "metrics": {"val_acc": 50.0},
+        "deploy": deploy_section(HeadRecipe(steps=7), {"kind": "centroid"}),
     }
 
 
@@ -35,12 +39,15 @@ def test_roundtrip_weights_only(tmp_path: Path) -> None:
     ckpt = conv4_ckpt()
     path = save_checkpoint(tmp_path / "best.pt", ckpt)
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == "mtl-edge.checkpoint" and raw["version"] == 1
+    assert raw["format"] == "mtl-edge.checkpoint" and raw["version"] == 2
+    assert raw["commit"] is None or len(raw["commit"]) >= 7
     loaded = load_checkpoint(path, expect_model="conv4")
     assert loaded.stage == "pretrain" and loaded.preprocess.size == 16
-    for k, v in loaded.model.state_dict().items():
+    assert loaded.head == HeadRecipe(steps=7) and loaded.meta_init is None
+    assert loaded.adapt == {"kind": "centroid"} and loaded.name == tmp_path.name  # run folder
+    for k, v in loaded.backbone.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][k])
-    assert not loaded.model.training
+    assert not loaded.backbone.training
 
 
 def test_other_architecture_is_refused(tmp_path: Path) -> None:
@@ -68,6 +75,9 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not an mtl-edge checkpoint"):
         read_checkpoint(plain)
     torch.save({"format": "mtl-edge.checkpoint", "version": 1, "model": "conv4"}, plain)
+    with pytest.raises(CheckpointError, match="version 1; this mtl-edge reads 2"):
+        read_checkpoint(plain)
+    torch.save({"format": "mtl-edge.checkpoint", "version": 2, "model": "conv4"}, plain)
     with pytest.raises(CheckpointError, match="misses model_args"):
         read_checkpoint(plain)
     torch.save({"format": "mtl-edge.checkpoint", "version": 99}, plain)
@@ -81,3 +91,22 @@ def test_save_refuses_incomplete(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="preprocess"):
         save_checkpoint(tmp_path / "x.pt", ckpt)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_meta_deploy_head_follows_the_learner_settings() -> None:
+    from mtl_edge.train.config import MetaConfig
+
+    meta = MetaConfig(test_steps=40, inner_lr=0.05, inner_weight_decay=0.001, inner_loss="tf")
+    head = meta_head_recipe(meta)
+    assert (head.steps, head.lr, head.weight_decay, head.loss) == (40, 0.05, 0.001, "tf")
+    assert head.init == "meta" and head.normalize is False
+
+
+def test_deploy_fc_init_of_another_size_is_refused(tmp_path: Path) -> None:
+    ckpt = conv4_ckpt()
+    ckpt["deploy"] = deploy_section(
+        HeadRecipe(), {"kind": "mtl"}, (torch.zeros(5, 3), torch.zeros(5))
+    )
+    path = save_checkpoint(tmp_path / "f.pt", ckpt)
+    with pytest.raises(CheckpointError, match=r"fc_init weight \(5, 3\)"):
+        load_checkpoint(path)

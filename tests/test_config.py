@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.config import (
-    TrainConfig,
-    apply_overrides,
-    config_to_dict,
-    from_dict,
-    load_config,
-    packaged_recipes,
-    to_toml,
-)
+from mtl_edge.settings import apply_overrides, config_to_dict, from_dict, parse_options, to_toml
+from mtl_edge.train.config import Recipe, load_recipe, packaged_recipes, recipe_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,6 +18,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 OWN_RECIPES = ["demo", "omniglot-cpu", "mtl-pytorch", "mtl-tf", "mini-resnet12-gpu"]
+
+
+def load_config(cls, path=None, overrides=()):  # noqa: ANN001, ANN201
+    """Any dataclass tree from a TOML file (the generic loader under `load_recipe`)."""
+    from mtl_edge.settings import read_toml
+
+    doc = {} if path is None else read_toml(recipe_path(path))
+    return from_dict(cls, apply_overrides(doc, overrides), str(path))
 
 
 @dataclass
@@ -92,19 +93,45 @@ def test_override_values_parse_as_toml_or_string() -> None:
 
 
 def test_roundtrip_through_toml() -> None:
-    cfg = load_config(TrainConfig, None, ["eval.shots=[1, 5, 10]", "data.options={size = 32}"])
+    cfg = load_recipe(None, ["eval.shots=[1, 5, 10]", "data.options={size = 32}"])
     doc = tomllib.loads(to_toml(config_to_dict(cfg)))
-    assert from_dict(TrainConfig, doc) == cfg
+    assert from_dict(Recipe, doc) == cfg
 
 
-@pytest.mark.parametrize("name", OWN_RECIPES)
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("pretrain.schedule=linear", "pretrain.schedule"),
+        ("meta.inner_lr=0", "meta.inner_lr"),
+        ("meta.ways=1", "meta.ways"),
+        ("hard_tasks.every_n_batches=0", "hard_tasks.every_n_batches"),
+        ("joint.beta=2.0", "joint.beta"),
+        ("joint.meta=protonet", "joint.meta"),
+        ("eval.heads=['knn']", "eval.heads"),
+        ("runtime.amp=fp8", "runtime.amp"),
+        ("data.kind=zip", "data.kind"),
+        ("model.args={in_channels = 1}", "in_channels"),
+    ],
+)
+def test_every_table_validates_itself(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_recipe("demo", [override])
+    assert needle in str(info.value) and "demo.toml" in str(info.value)
+
+
+def test_one_override_parser_for_options() -> None:
+    assert parse_options(["width=8", "name=x", "sizes=[1, 2]"]) == {
+        "width": 8,
+        "name": "x",
+        "sizes": [1, 2],
+    }
+    with pytest.raises(ConfigError, match=r"--backbone-arg 'w'.*width=8"):
+        parse_options(["w"], "--backbone-arg", "width=8")
+
+
+@pytest.mark.parametrize("name", packaged_recipes())
 def test_packaged_recipes_load_and_check(name: str) -> None:
-    from mtl_edge.train.meta_train import check_config as check_meta
-    from mtl_edge.train.pretrain import check_config as check_pre
-    from mtl_edge.train.torchdata import recipe_preprocess
-
-    assert name in packaged_recipes()
-    cfg = load_config(TrainConfig, name)
-    recipe_preprocess(cfg.model)
-    check_pre(cfg)
-    check_meta(cfg)
+    """Every packaged recipe, the joint and pipeline ones included, is one `Recipe`."""
+    cfg = load_recipe(name)
+    assert cfg.model.input_preprocess.channels == cfg.model.args.get("in_channels", 3)
+    assert set(OWN_RECIPES) <= set(packaged_recipes())

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from mtl_edge import cli
+from mtl_edge.data.checks import read_sums
 from mtl_edge.data.episodes import load_episodes
-from mtl_edge.data.verify import detect_layout, read_sums, verify_dataset
+from mtl_edge.data.verify import detect_layout, verify_dataset
 from mtl_edge.errors import DatasetError
 
 
@@ -280,7 +281,7 @@ def test_episodes_synthetic_with_options(capsys: pytest.CaptureFixture[str]) -> 
     stats = json.loads(out)
     assert stats["classes_total"] == 6 and stats["images_total"] == 120
     code, _, err = run(capsys, "data", "episodes", "synthetic", "-o", "size")
-    assert code == 1 and "use key=value" in err
+    assert code == 1 and "write KEY=VALUE" in err
     code, _, err = run(capsys, "data", "episodes", "synthetic", "-o", "colour=L")
     assert code == 1 and "unknown option(s) ['colour']" in err
 

@@ -1,4 +1,4 @@
-"""Benchmark readers of train/datasets.py on tiny fixtures in each real on-disk format."""
+"""Benchmark readers of mtl_edge/data/ on tiny fixtures in each real on-disk format."""
 
 from __future__ import annotations
 
@@ -13,20 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mtl_edge.data.cifar import class_list
+from mtl_edge.data.csvsplit import read_csv_split
+from mtl_edge.data.decode import decode_split
+from mtl_edge.data.omniglot import split_alphabets
+from mtl_edge.data.pickles import load_data_pickle
+from mtl_edge.data.registry import KINDS, open_split, reader_options
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import DatasetError, ImageError
 from mtl_edge.preprocess import Preprocess, resize_and_crop
-from mtl_edge.train.datasets import (
-    CIFAR_FS_CLASSES,
-    FC100_SUPERCLASSES,
-    KINDS,
-    decode_split,
-    load_data_pickle,
-    open_split,
-    read_csv_split,
-    reader_options,
-    split_alphabets,
-)
+
+CIFAR_FS_CLASSES = class_list("cifar-fs")
+FC100_SUPERCLASSES = class_list("fc100")
 
 # CIFAR-100's taxonomy, as in its `meta` file, for building fixtures in the real format.
 CIFAR100 = {
@@ -451,7 +449,7 @@ def test_datasets_module_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, mtl_edge.train.datasets; print('torch' in sys.modules)"
+    code = "import sys, mtl_edge.data.registry, mtl_edge.data.decode; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -31,25 +31,25 @@ def run_cli(*args: str) -> str:
 
 @pytest.mark.slow
 def test_device_cli_matches_training_meta_test(tmp_path: Path) -> None:
-    from mtl_edge.commands.demo import (
-        QUICK_OVERRIDES,
-        run_demo,
-        stage_export,
-        stage_meta,
-        stage_pretrain,
-    )
     from mtl_edge.data.episodes import Episode
     from mtl_edge.data.synthetic import write_class_folders
+    from mtl_edge.fewshot.evaluate import evaluate_episodes
+    from mtl_edge.fewshot.heads import feature_head
     from mtl_edge.train.checkpoint import load_checkpoint
-    from mtl_edge.train.config import TrainConfig, load_config
-    from mtl_edge.train.metatest import evaluate_heads, extract_features, head_factories
+    from mtl_edge.train.config import load_recipe
+    from mtl_edge.train.metatest import extract_features, image_loader
     from mtl_edge.train.torchdata import open_recipe_split
+    from mtl_edge.workflows.demo import QUICK_OVERRIDES
+    from mtl_edge.workflows.pipeline import stage_export, stage_meta, stage_pretrain
+    from mtl_edge.workflows.stages import finished, run_stages
 
-    stages = [("pretrain", stage_pretrain), ("meta", stage_meta), ("export", stage_export)]
-    result = run_demo(tmp_path / "demo", quick=True, stages=stages)
-    checkpoint, bundle = result["meta"]["checkpoint"], result["export"]["bundle"]
-
-    cfg = load_config(TrainConfig, "demo", QUICK_OVERRIDES)
+    cfg = load_recipe("demo", QUICK_OVERRIDES)
+    fns = {"pretrain": stage_pretrain, "meta": stage_meta, "export": stage_export}
+    run = tmp_path / "demo"
+    run_stages(cfg, "demo --quick", run, list(fns), fns, flops_reference=False)
+    done = finished(run, list(fns))
+    checkpoint = run / done["meta"]["outputs"]["checkpoint"]
+    bundle = str(run / done["export"]["outputs"]["bundle"])
     held_out = open_recipe_split(cfg.data, cfg.data.test_split, "RGB").subset(list(range(WAYS)))
     by_class = held_out.indices_by_class()
 
@@ -63,10 +63,10 @@ def test_device_cli_matches_training_meta_test(tmp_path: Path) -> None:
         episodes.append(Episode(np.arange(WAYS), np.concatenate(support), np.concatenate(query)))
 
     loaded = load_checkpoint(checkpoint)
-    features = extract_features(loaded.model, held_out, cfg=loaded.preprocess)
-    training = evaluate_heads(
-        features, held_out.labels, episodes, head_factories(loaded.model, ["mtl"])
-    )
+    load = image_loader(held_out, loaded.preprocess)
+    features = extract_features(loaded.backbone, held_out, load)
+    head = feature_head("mtl", loaded.head, loaded.meta_init)
+    training = evaluate_episodes(features, held_out.labels, episodes, {"mtl": head})
     training_accuracy = float(np.mean(training["mtl"].accuracies))
 
     hits = total = 0

@@ -224,18 +224,20 @@ def test_exported_training_backbone_enrolls_like_torch(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = backbones.create_backbone("conv4", width=16, in_channels=3).eval()
+    from mtl_edge.fewshot.fc import HeadRecipe
+    from mtl_edge.train.checkpoint import backbone_state, deploy_section, save_checkpoint
+
     checkpoint = {
-        "format": "mtl-edge.checkpoint",
-        "version": 1,
         "model": "conv4",
         "model_args": model.model_args,
-        "state_dict": model.state_dict(),
+        "state_dict": backbone_state(model),
         "stage": "pretrain",
         "preprocess": Preprocess(size=28).to_dict(),
-        "config": {"seed": 0, "data": {"kind": "synthetic"}},
+        "config": {"data": {"kind": "synthetic"}},
         "metrics": {},
+        "deploy": deploy_section(HeadRecipe(), {"kind": "centroid"}),
     }
-    torch.save(checkpoint, tmp_path / "model.pt")
+    save_checkpoint(tmp_path / "model.pt", checkpoint)
     calib = write_class_folders(make_synthetic_split(4, 6, 28, seed=9), tmp_path / "calib")
     bundle, _ = api.export_checkpoint(
         tmp_path / "model.pt",

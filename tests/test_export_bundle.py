@@ -10,18 +10,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_fold import standin_factory, tiny_checkpoint
+from model_fixtures import FEATURE_DIM, TINY, randomize, tiny_checkpoint
 
 from mtl_edge.bundle import Bundle
 from mtl_edge.data.synthetic import make_synthetic_split, write_class_folders
 from mtl_edge.errors import BundleError, MtlEdgeError
 from mtl_edge.export import api
+from mtl_edge.export.check import check_bundle
+from mtl_edge.fewshot.fc import HeadRecipe
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.backbones import create_backbone
+from mtl_edge.train.checkpoint import backbone_state, deploy_section, save_checkpoint
+from mtl_edge.train.ss import convert_to_ss
 
 
 def export(ckpt: Path, out: Path, **kwargs: Any) -> tuple[Bundle, dict[str, Any]]:
     kwargs.setdefault("parity_episodes", 50)
     kwargs.setdefault("quant_episodes", 600)
-    return api.export_checkpoint(ckpt, out, model_factory=standin_factory, **kwargs)
+    return api.export_checkpoint(ckpt, out, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +45,9 @@ def test_manifest_round_trip(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
     loaded = Bundle.load(bundle.root)
     m = loaded.manifest
     assert m["backbone"] == {
-        "name": "standin",
-        "args": {"channels": 3},
-        "feature_dim": 16,
+        "name": "resnet12",
+        "args": {"in_channels": 3, **TINY, "slope": 0.1, "bias": True, "ss_shortcut": True},
+        "feature_dim": FEATURE_DIM,
         "input_name": "images",
         "output_name": "features",
         "input_shape": [3, 20, 20],
@@ -58,16 +64,17 @@ def test_manifest_round_trip(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
     assert prov["split_fingerprint"] == "abc123"
     assert prov["training_seed"] == 7 and prov["dataset"] == "synthetic"
     assert prov["stage"] == "meta" and prov["created"].endswith("Z")
-    assert m["metrics"]["val_acc"] == pytest.approx(0.5)
+    assert m["metrics"]["val_acc"] == pytest.approx(50.0)
     assert m["parity"]["pass"] and m["parity"]["real"]["episodes"]["identical_episodes"] == 50
     for name in ("int8", "int8-cpu"):
         q = m["quantization"][name]
-        assert q["qdq"]["convs_with_qdq"] == q["qdq"]["convs"] == 4
-        assert q["accuracy"]["5way_1shot"]["episodes"] == 600
-        assert q["accuracy"]["5way_5shot"]["episodes"] == 600
-    assert m["quantization"]["int8-cpu"]["onnxruntime_cpu_kernels"]["quantized"] == 4
+        assert q["qdq"]["convs_with_qdq"] == q["qdq"]["convs"] == 16
+        for head in ("mtl", "centroid"):  # the bundle's own head and the centroid head
+            assert q["accuracy"]["5way_1shot"][head]["episodes"] == 600
+            assert q["accuracy"]["5way_5shot"][head]["episodes"] == 600
+    assert m["quantization"]["int8-cpu"]["onnxruntime_cpu_kernels"]["quantized"] == 16
     fp16 = m["variants"]["fp16"]["check"]["accuracy"]
-    assert fp16["cosine_min"] > 0.999 and fp16["5way_5shot"]["episodes"] == 600
+    assert fp16["cosine_min"] > 0.999 and fp16["5way_5shot"]["mtl"]["episodes"] == 600
 
 
 def test_meta_init_stored(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
@@ -75,14 +82,14 @@ def test_meta_init_stored(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
     head = bundle.head
     assert head.init == "meta"
     weight, bias = bundle.meta_init()  # type: ignore[misc]
-    fc = torch.load(ckpt, weights_only=True)["fc_init"]
+    fc = torch.load(ckpt, weights_only=True)["deploy"]["fc_init"]
     np.testing.assert_array_equal(weight, fc["weight"].numpy())
     np.testing.assert_array_equal(bias, fc["bias"].numpy())
     assert bundle.manifest["head"]["meta_init"]["ways"] == 5
 
 
 def test_check_bundle_passes(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
-    result = api.check_bundle(full[1].root)
+    result = check_bundle(full[1].root)
     assert result["pass"]
     assert set(result["variants"]) == {"fp32", "int8", "int8-cpu", "fp16"}
     assert result["variants"]["fp32"]["max_abs"] == 0.0
@@ -98,7 +105,7 @@ def test_check_bundle_catches_a_wrong_variant(
     other, _ = export(tiny_checkpoint(tmp_path / "other.pt", seed=11), tmp_path / "other")
     bundle = Bundle.load(copy)
     bundle.add_files({"backbone.fp16.onnx": other.variant_path("fp32")}, {})
-    result = api.check_bundle(copy)
+    result = check_bundle(copy)
     assert not result["pass"] and not result["variants"]["fp16"]["pass"]
 
 
@@ -115,7 +122,7 @@ def test_tampered_bundle_is_refused(
     with pytest.raises(BundleError, match="sha256"):
         Bundle.load(copy)
     with pytest.raises(BundleError, match="sha256"):
-        api.check_bundle(copy)
+        check_bundle(copy)
     (copy / "head_init_bias.npy").unlink()
     with pytest.raises(BundleError):
         Bundle.load(copy)
@@ -128,7 +135,7 @@ def test_pretrain_checkpoint_has_no_meta_init(tmp_path: Path) -> None:
     assert not (tmp_path / "b" / "head_init_weight.npy").exists()
     assert set(bundle.variants) == {"fp32"}
     assert report["fold"]["max_abs"] <= 1e-5
-    with pytest.raises(MtlEdgeError, match="fc_init"):
+    with pytest.raises(MtlEdgeError, match="meta-learned FC init"):
         export(ckpt, tmp_path / "c", head={"init": "meta"})
 
 
@@ -178,9 +185,10 @@ def _bad(tmp_path: Path, **overrides: Any) -> Path:
         (lambda p: (p / "x.pt").write_bytes(b"not a torch file") and p / "x.pt", "not a readable"),
         (lambda p: torch.save({"a": 1}, p / "x.pt") or p / "x.pt", "not an mtl-edge checkpoint"),
         (lambda p: p / "missing.pt", "no such checkpoint"),
-        (lambda p: _bad(p, state_dict=None), "no 'state_dict'"),
-        (lambda p: _bad(p, version=2), "checkpoint version 2"),
-        (lambda p: _bad(p, model="resnet999"), "cannot build backbone"),
+        (lambda p: _bad(p, state_dict=None), "'state_dict' is not a dict"),
+        (lambda p: _bad(p, deploy=[]), "'deploy' is not a dict"),
+        (lambda p: _bad(p, version=1), "checkpoint version 1"),
+        (lambda p: _bad(p, model="resnet999"), "'resnet999' is unknown"),
         (lambda p: _bad(p, preprocess={"size": -3}), "bad preprocess"),
     ],
 )
@@ -193,22 +201,24 @@ def test_bad_checkpoints(tmp_path: Path, make: Any, message: str) -> None:
 
 def test_missing_extra_and_nonfinite_weights(tmp_path: Path) -> None:
     state = torch.load(tiny_checkpoint(tmp_path / "ok.pt"), weights_only=True)["state_dict"]
-    missing = {k: v for k, v in state.items() if k != "conv1.ss_scale"}
-    with pytest.raises(MtlEdgeError, match=r"missing keys conv1\.ss_scale"):
+    key = "blocks.0.conv1.conv.ss_scale"
+    missing = {k: v for k, v in state.items() if k != key}
+    with pytest.raises(MtlEdgeError, match=rf"missing keys {key}"):
         export(_bad(tmp_path, state_dict=missing), tmp_path / "o")
     extra = dict(state, **{"classifier.weight": torch.zeros(3, 16)})
     with pytest.raises(MtlEdgeError, match=r"unexpected keys classifier\.weight"):
         export(_bad(tmp_path, state_dict=extra), tmp_path / "o")
-    nan = dict(state)
-    nan["bn1.running_var"] = torch.full_like(state["bn1.running_var"], float("nan"))
-    with pytest.raises(MtlEdgeError, match=r"non-finite weights .* bn1\.running_var"):
+    var = "blocks.0.conv1.bn.running_var"
+    nan = dict(state, **{var: torch.full_like(state[var], float("nan"))})
+    with pytest.raises(MtlEdgeError, match=rf"non-finite weights .* {var}"):
         export(_bad(tmp_path, state_dict=nan), tmp_path / "o")
-    shape = dict(state, **{"conv1.ss_shift": torch.zeros(3)})
+    shape = dict(state, **{"blocks.0.conv1.conv.ss_shift": torch.zeros(3)})
     with pytest.raises(MtlEdgeError, match="do not fit"):
         export(_bad(tmp_path, state_dict=shape), tmp_path / "o")
     bad_fc = {"weight": torch.zeros(5), "bias": torch.zeros(5)}
+    deploy = deploy_section(HeadRecipe(init="meta"), {"kind": "mtl"})
     with pytest.raises(MtlEdgeError, match="fc_init"):
-        export(_bad(tmp_path, fc_init=bad_fc), tmp_path / "o")
+        export(_bad(tmp_path, deploy=deploy | {"fc_init": bad_fc}), tmp_path / "o")
 
 
 def test_int8_needs_calibration_images(tmp_path: Path) -> None:
@@ -258,38 +268,27 @@ def test_manifest_is_plain_json(full: tuple[Path, Bundle, dict[str, Any]]) -> No
     assert "NaN" not in text and "Infinity" not in text
 
 
-def test_registry_backbone_through_default_factory(tmp_path: Path) -> None:
-    """A real registry backbone (conv4, one channel, 28x28 like Omniglot), built by the default
-    factory from the checkpoint's name and model_args; SS when the training stack has it."""
-    backbones = pytest.importorskip("mtl_edge.train.backbones")
-    from test_fold import randomize
-
-    from mtl_edge.preprocess import Preprocess
-
-    model = backbones.create_backbone("conv4", in_channels=1)
-    stage = "pretrain"
-    try:
-        from mtl_edge.train.ss import convert_to_ss
-    except ImportError:
-        pass
-    else:
-        model, stage = convert_to_ss(model, shortcut=True), "meta"
-    model = randomize(model)
-    ckpt = tmp_path / "conv4.pt"
-    torch.save(
+def _checkpoint_of(model: torch.nn.Module, name: str, pre: Preprocess, path: Path) -> Path:
+    return save_checkpoint(
+        path,
         {
-            "format": "mtl-edge.checkpoint",
-            "version": 1,
-            "model": "conv4",
+            "model": name,
             "model_args": dict(model.model_args),
-            "state_dict": model.state_dict(),
-            "stage": stage,
-            "preprocess": Preprocess(size=28, color_mode="L", mean=(0.0,), std=(1.0,)).to_dict(),
+            "state_dict": backbone_state(model),
+            "stage": "meta",
+            "preprocess": pre.to_dict(),
             "config": {},
             "metrics": {},
+            "deploy": deploy_section(HeadRecipe(), {"kind": "mtl"}),
         },
-        ckpt,
     )
+
+
+def test_one_channel_conv4(tmp_path: Path) -> None:
+    """A conv4 with one input channel at 28x28, like Omniglot, with SS convs."""
+    model = randomize(convert_to_ss(create_backbone("conv4", in_channels=1), shortcut=True))
+    pre = Preprocess(size=28, color_mode="L", mean=(0.0,), std=(1.0,))
+    ckpt = _checkpoint_of(model, "conv4", pre, tmp_path / "conv4.pt")
     bundle, report = api.export_checkpoint(ckpt, tmp_path / "b", parity_episodes=50)
     assert bundle.backbone_name == "conv4"
     assert bundle.manifest["backbone"]["input_shape"] == [1, 28, 28]
@@ -297,50 +296,20 @@ def test_registry_backbone_through_default_factory(tmp_path: Path) -> None:
     assert report["parity"]["pass"]
 
 
-def test_head_recipe_follows_meta_settings(tmp_path: Path) -> None:
-    config = {"meta": {"test_steps": 40, "inner_lr": 0.05, "inner_weight_decay": 0.001}}
-    bundle, _ = export(tiny_checkpoint(tmp_path / "m.pt", config=config), tmp_path / "b")
-    head = bundle.head
-    assert (head.steps, head.lr, head.weight_decay, head.init) == (40, 0.05, 0.001, "meta")
-    summed = {"meta": {"test_steps": 40, "inner_lr": 0.05, "inner_loss": "sum"}}
-    bundle, _ = export(tiny_checkpoint(tmp_path / "s.pt", config=summed), tmp_path / "s")
-    # A summed inner loss has no fixed mean-loss lr: steps follow, lr stays the default.
-    assert (bundle.head.steps, bundle.head.lr) == (40, 0.01)
-    tf = {"meta": {"inner_lr": 0.001, "inner_loss": "tf", "ways": 5, "inner_weight_decay": 0.01}}
-    bundle, _ = export(tiny_checkpoint(tmp_path / "t.pt", config=tf), tmp_path / "t")
-    assert bundle.head.lr == pytest.approx(0.005)  # ways x mean
-    assert bundle.head.weight_decay == pytest.approx(0.002)
-    # The learner's own settings, as meta-training stores them, come before the config.
-    own = {"test_steps": 60, "inner_lr": 0.02, "inner_loss": "mean", "ways": 5}
-    bundle, _ = export(tiny_checkpoint(tmp_path / "o.pt", config=config, meta=own), tmp_path / "o")
-    assert (bundle.head.steps, bundle.head.lr) == (60, 0.02)
+def test_head_recipe_is_the_deploy_section(tmp_path: Path) -> None:
+    head = HeadRecipe(steps=40, lr=0.05, init="zeros", weight_decay=0.001, loss="tf")
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", deploy=deploy_section(head, {"kind": "mtl"}))
+    bundle, _ = export(ckpt, tmp_path / "b")
+    assert bundle.head == head  # as written at training time, loss reduction included
 
 
 @pytest.mark.slow
 def test_real_size_resnet12_wide_parity(tmp_path: Path) -> None:
     """The one real-size export: ResNet-12-wide with SS at 84 x 84, FP32 only, must pass the
     parity thresholds (max abs 1e-4, cosine 0.9999 at batch 1/7/32, 200 identical episodes)."""
-    backbones = pytest.importorskip("mtl_edge.train.backbones")
-    convert_to_ss = pytest.importorskip("mtl_edge.train.ss").convert_to_ss
-    from test_fold import randomize
-
-    from mtl_edge.preprocess import Preprocess
-
     torch.manual_seed(0)
-    model = randomize(convert_to_ss(backbones.create_backbone("resnet12-wide"), shortcut=True))
-    ckpt = tmp_path / "r12w.pt"
-    torch.save(
-        {
-            "format": "mtl-edge.checkpoint",
-            "version": 1,
-            "model": "resnet12-wide",
-            "model_args": dict(model.model_args),
-            "state_dict": model.state_dict(),
-            "stage": "meta",
-            "preprocess": Preprocess(size=84).to_dict(),
-        },
-        ckpt,
-    )
+    model = randomize(convert_to_ss(create_backbone("resnet12-wide"), shortcut=True))
+    ckpt = _checkpoint_of(model, "resnet12-wide", Preprocess(size=84), tmp_path / "r12w.pt")
     bundle, report = api.export_checkpoint(ckpt, tmp_path / "b")
     parity = report["parity"]
     assert parity["max_abs"] <= 1e-4 and parity["cosine_min"] >= 0.9999

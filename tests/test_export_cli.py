@@ -6,16 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from test_fold import standin_factory, tiny_checkpoint
+from model_fixtures import tiny_checkpoint
 
 from mtl_edge.cli import main
-from mtl_edge.export import api
-
-
-@pytest.fixture(autouse=True)
-def standin_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI builds backbones with the registry; point it at the stand-in network."""
-    monkeypatch.setattr(api, "default_model_factory", standin_factory)
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -115,7 +108,7 @@ def test_bad_checkpoint_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     import torch
 
     state = torch.load(tiny_checkpoint(tmp_path / "ok.pt"), weights_only=True)["state_dict"]
-    state["conv2.ss_shift"] = state["conv2.ss_shift"] * float("inf")
+    state["blocks.1.conv2.conv.ss_shift"] *= float("inf")
     nan_ckpt = tiny_checkpoint(tmp_path / "nan.pt", state_dict=state)
     code, _, err = run(["export", str(nan_ckpt), "--out", str(tmp_path / "o")], capsys)
     assert code == 1 and "non-finite" in err and err.count("\n") == 1

@@ -159,7 +159,7 @@ def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
 
 
 def test_decode_cache_is_reused(tmp_path: Path, monkeypatch) -> None:
-    import mtl_edge.train.datasets as datasets
+    import mtl_edge.data.decode as decode
 
     split = _jpeg_split(tmp_path)
     cfg = Preprocess(size=24)
@@ -171,6 +171,6 @@ def test_decode_cache_is_reused(tmp_path: Path, monkeypatch) -> None:
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(datasets, "decode_split", no_decoding)
+    monkeypatch.setattr(decode, "decode_split", no_decoding)
     second = DeviceDataset.from_split(split, cfg, device="cpu", cache_dir=tmp_path / "cache")
     assert torch.equal(first.images, second.images)

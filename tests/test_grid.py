@@ -3,28 +3,47 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mtl_edge.data.registry import open_split, open_split_spec
 from mtl_edge.errors import ConfigError, DatasetError
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.train.backbones import create_backbone
-from mtl_edge.train.datasets import open_split
+from mtl_edge.train.checkpoint import load_checkpoint
+from mtl_edge.train.config import load_recipe
 from mtl_edge.train.grid import (
+    Adapt,
     GridModel,
     episodes_for,
     evaluate_grid,
-    evaluate_grid_cli,
     format_table,
-    parse_adapt_overrides,
+    grid_model,
     plan_settings,
+    run_grid,
 )
-from mtl_edge.train.joint_train import load_recipe, open_split_spec, train_joint
+from mtl_edge.train.joint_train import train_joint
 
 PRE = Preprocess(size=16)
+
+
+@dataclass
+class Model:
+    """What the grid needs of a model (a LoadedCheckpoint has the same fields)."""
+
+    backbone: torch.nn.Module
+    preprocess: Preprocess = PRE
+    head: HeadRecipe = HeadRecipe(steps=10)
+    meta_init: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _grid_model(name: str, backbone: torch.nn.Module, **adapt: object) -> GridModel:
+    return GridModel(name, Model(backbone.eval()), Adapt(**adapt))  # type: ignore[arg-type]
 
 
 def _split(classes: int = 6, per_class: int = 12):
@@ -36,8 +55,8 @@ def _models() -> list[GridModel]:
     a = create_backbone("conv4", width=4)
     b = create_backbone("conv4", width=4)
     return [
-        GridModel("proto", a.eval(), PRE, {"kind": "centroid"}),
-        GridModel("ft", b.eval(), PRE, {"kind": "finetune", "steps": 2, "lr": 0.05}),
+        _grid_model("proto", a, kind="centroid"),
+        _grid_model("ft", b, kind="finetune", steps=2, lr=0.05),
     ]
 
 
@@ -85,11 +104,11 @@ def test_centroid_head_separates_separable_features() -> None:
     class MeanColour(torch.nn.Module):
         feature_dim = 3
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             return x.mean((2, 3))
 
     split = _split(classes=5, per_class=20)
-    good = GridModel("colour", MeanColour(), PRE, {"kind": "centroid"})
+    good = _grid_model("colour", MeanColour(), kind="centroid")
     report = evaluate_grid([good], split, ways=(5,), shots=(5,), episodes=4, queries=5)
     assert report["results"][0]["mean"] > 20.0 + 10.0  # chance is 20%
 
@@ -105,12 +124,12 @@ def test_finetune_starts_from_the_prototype_head_when_asked() -> None:
             super().__init__()
             self.scale = torch.nn.Parameter(torch.ones(()))
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             return self.scale * x.mean((2, 3))
 
     split = _split(classes=5, per_class=20)
     models = [
-        GridModel(init, ScaledColour(), PRE, {"kind": "finetune", "steps": 0, "head_init": init})
+        _grid_model(init, ScaledColour(), kind="finetune", steps=0, head_init=init)
         for init in ("zero", "prototypes")
     ]
     report = evaluate_grid(models, split, ways=(5,), shots=(5,), episodes=4, queries=5)
@@ -126,13 +145,9 @@ def test_no_supplied_setting_and_bad_options() -> None:
     with pytest.raises(ConfigError, match="episodes"):
         evaluate_grid(_models(), split, ways=(2,), shots=(1,), episodes=0)
     with pytest.raises(ConfigError, match="adapt kind"):
-        GridModel("x", _models()[0].backbone, PRE, {"kind": "magic"})
-    with pytest.raises(ConfigError, match="adapt head_init 'random'"):
-        GridModel("x", _models()[0].backbone, PRE, {"kind": "inner", "head_init": "random"})
-    assert parse_adapt_overrides(["kind=centroid", "steps=20"]) == {"kind": "centroid", "steps": 20}
-    for bad, match in (("steps", "KEY=VALUE"), ("colour=red", "KEY one of"), ("lr=fast", "float")):
-        with pytest.raises(ConfigError, match=match):
-            parse_adapt_overrides([bad])
+        Adapt(kind="magic")
+    with pytest.raises(ConfigError, match="adapt head_init='random'"):
+        Adapt(kind="inner", head_init="random")
     with pytest.raises(DatasetError, match="NAME\\[a:b\\]"):
         open_split_spec("synthetic", None, "test[x]")
     with pytest.raises(DatasetError, match="selects no class"):
@@ -146,67 +161,53 @@ def test_split_spec_joins_and_slices() -> None:
     assert np.array_equal(np.unique(joined.labels), np.arange(19))
 
 
-def test_grid_cli_on_trained_checkpoints(tmp_path: Path, capsys) -> None:
+def _joint_checkpoints(tmp_path: Path) -> list[Path]:
     sets = [
         'data.kind="synthetic"',
         "data.options={size=16, per_class=8, train_classes=6}",
-        "data.image_size=16",
         "data.per_class=0",
-        'data.split="train"',
-        "model.width=4",
+        "model.args={width=4}",
+        "model.preprocess={size=16}",
         "joint.ways=3",
         "joint.shots=2",
         "joint.meta_batch=2",
         "joint.inner_steps=2",
-        "train.iterations=2",
+        "joint.iterations=2",
+        "data.cache_dir=''",
     ]
     ckpts = []
     for name, beta in (("reptile", 1.0), ("transfer", 0.0)):
         recipe = load_recipe("joint-cpu-repro", sets + [f"joint.beta={beta}"])
         ckpts.append(train_joint(recipe, tmp_path / name))
+    return ckpts
+
+
+def test_grid_on_trained_checkpoints(tmp_path: Path) -> None:
+    ckpts = _joint_checkpoints(tmp_path)
     out = tmp_path / "grid.json"
-    report = evaluate_grid_cli(
-        ckpts, None, "synthetic", "val+test", (5, 40), (1,), 2, 0, False, out
-    )
-    printed = capsys.readouterr().out
-    assert "reptile" in printed and "transfer" in printed and "skipped 40-way 1-shot" in printed
+    report = run_grid(ckpts, "synthetic", None, "val+test", (5, 40), (1,), 2, out=out)
+    assert "skipped 40-way 1-shot" in format_table(report)
     on_disk = json.loads(out.read_text())
     assert on_disk["results"] == report["results"]
+    assert [m["name"] for m in on_disk["models"]] == ["reptile", "transfer"]
     assert {m["adapt"]["kind"] for m in on_disk["models"]} == {"inner", "finetune"}
     assert {m["adapt"]["head_init"] for m in on_disk["models"]} == {"prototypes"}
-    report = evaluate_grid_cli(
-        ckpts, None, "synthetic", "val+test", (5,), (1,), 2, 0, False, out, adapt=["kind=centroid"]
-    )
+    report = run_grid(ckpts, "synthetic", None, "val+test", (5,), (1,), 2, adapt=["kind=centroid"])
     assert {m["adapt"]["kind"] for m in report["models"]} == {"centroid"}
     assert on_disk["classes"] == 36 and on_disk["split"] == "synthetic/val+test"
-    with pytest.raises(ConfigError, match="--device='gpu': use auto, cpu or cuda"):
-        evaluate_grid_cli(
-            ckpts, None, "synthetic", "val+test", (5,), (1,), 2, 0, False, out, device="gpu"
-        )
+    with pytest.raises(ConfigError, match="steps = 'many' has the wrong type"):
+        run_grid(ckpts, "synthetic", None, "val+test", (5,), (1,), 2, adapt=["steps='many'"])
 
 
-def test_feature_heads_and_an_ss_checkpoint_default_to_the_fc_base_learner(tmp_path: Path) -> None:
-    from mtl_edge.train.grid import load_grid_model
-    from mtl_edge.train.ss import convert_to_ss
+def test_an_ss_checkpoint_defaults_to_its_fc_base_learner(tmp_path: Path) -> None:
+    from model_fixtures import tiny_checkpoint
 
-    torch.manual_seed(0)
-    model = convert_to_ss(create_backbone("conv4", width=4))
-    path = tmp_path / "mtl.pt"
-    torch.save(
-        {
-            "format": "mtl-edge.checkpoint",
-            "version": 1,
-            "model": "conv4",
-            "model_args": dict(model.model_args),
-            "state_dict": model.state_dict(),
-            "preprocess": PRE.to_dict(),
-        },
-        path,
-    )
-    loaded = load_grid_model(path)
-    assert loaded.adapt == {"kind": "mtl"} and loaded.name == "mtl"
-    logreg = GridModel("logreg", loaded.backbone, PRE, {"kind": "logreg"})
-    report = evaluate_grid([loaded, logreg], _split(), ways=(3,), shots=(2,), episodes=2, queries=2)
+    loaded = load_checkpoint(tiny_checkpoint(tmp_path / "mtl.pt", size=16))
+    model = grid_model(loaded)
+    assert model.adapt.kind == "mtl" and model.name == "mtl"
+    logreg = grid_model(loaded, ["kind=logreg"])
+    logreg.name = "logreg"
+    report = evaluate_grid([model, logreg], _split(), ways=(3,), shots=(2,), episodes=2, queries=2)
     assert [r["model"] for r in report["results"]] == ["mtl", "logreg"]
     assert all(0.0 <= r["mean"] <= 100.0 for r in report["results"])
 
@@ -217,21 +218,31 @@ def test_evaluate_grid_command_defaults_to_the_paper_grid(monkeypatch, tmp_path)
     from mtl_edge import cli
 
     calls: list[tuple] = []
-    monkeypatch.setattr(
-        grid_module, "evaluate_grid_cli", lambda *a, **k: calls.append((a, k)) or {}
-    )
+
+    def fake(*a, **k):
+        calls.append(a)
+        return {"models": [], "results": [], "skipped": [], "split": "s", "classes": 0} | {
+            "seed": 0,
+            "episodes": 1,
+            "queries": 7,
+        }
+
+    monkeypatch.setattr(grid_module, "run_grid", fake)
     args = ["train", "evaluate", "--grid", "--checkpoint", str(tmp_path / "c.pt"), "--queries", "7"]
     with pytest.raises(SystemExit) as info:
         cli.main(args)
     assert info.value.code == 0
-    ((positional, keywords),) = calls
+    (positional,) = calls
     assert list(positional[4]) == [5, 20, 35] and list(positional[5]) == [1, 5, 100]
-    assert keywords["queries"] == 7 and keywords["out"] is None and keywords["device"] == "auto"
+    assert positional[7] == 7 and positional[11] is None  # queries, out
     cli_out = tmp_path / "g.json"
     with pytest.raises(SystemExit):
         cli.main(
             [*args, "--out", str(cli_out), "--ways", "5", "--shots", "1", "--adapt", "steps=3"]
         )
-    (positional, keywords) = calls[-1]
-    assert keywords["adapt"] == ["steps=3"]
-    assert keywords["out"] == cli_out and list(positional[4]) == [5] and list(positional[5]) == [1]
+    positional = calls[-1]
+    assert positional[9] == ["steps=3"]
+    assert positional[11] == cli_out and list(positional[4]) == [5] and list(positional[5]) == [1]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, "--device", "gpu"])
+    assert info.value.code == 1

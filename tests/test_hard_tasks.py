@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_edge.errors import ConfigError
+from mtl_edge.data.episodes import EpisodeSampler
+from mtl_edge.errors import ConfigError, DatasetError
+from mtl_edge.train.config import HardTaskConfig
 from mtl_edge.train.hard_tasks import (
-    HardTaskConfig,
     HardTaskMiner,
-    HardTaskSampler,
     class_ranking,
     failure_class,
+    hard_pool,
     per_class_accuracy,
 )
 from mtl_edge.train.meta_transfer import TaskStats
@@ -41,13 +42,11 @@ def _by_class(n_classes: int = 10, per: int = 20) -> list[np.ndarray]:
     return [np.arange(c * per, (c + 1) * per) for c in range(n_classes)]
 
 
-def test_hard_tasks_contain_only_failure_classes_and_fresh_images() -> None:
+def test_hard_episodes_contain_only_pool_classes_and_fresh_images() -> None:
     by_class = _by_class()
-    sampler = HardTaskSampler(by_class, ways=3, shots=2, queries=3, seed=0)
-    failures = [1, 4, 7, 4]
+    sampler = EpisodeSampler(by_class, ways=3, shots=2, queries=3, seed=0)
     used = np.concatenate([by_class[c][:10] for c in (1, 4, 7)])
-    episodes = sampler.sample(failures, count=5, used=used)
-    assert len(episodes) == 5
+    episodes = [sampler.hard_episode(i, [1, 4, 7], used) for i in range(5)]
     for e in episodes:
         assert set(e.classes.tolist()) == {1, 4, 7}
         idx = np.concatenate([e.support, e.query])
@@ -55,13 +54,25 @@ def test_hard_tasks_contain_only_failure_classes_and_fresh_images() -> None:
         for j, c in enumerate(e.classes):  # class-major and from the right class
             assert np.isin(e.support[j * 2 : (j + 1) * 2], by_class[c]).all()
     assert sampler.reused == 0
+    assert len({tuple(e.query) for e in episodes}) == 5  # distinct hard episodes
+
+
+def test_hard_episodes_are_a_stream_of_their_own() -> None:
+    sampler = EpisodeSampler(_by_class(), 3, 1, 2, seed=5)
+    again = EpisodeSampler(_by_class(), 3, 1, 2, seed=5)
+    a, b = sampler.hard_episode(4, [0, 1, 2, 3]), again.hard_episode(4, [0, 1, 2, 3])
+    assert np.array_equal(a.query, b.query)  # a pure function of (seed, index, pool)
+    ordinary = sampler.episode(4)
+    assert not np.array_equal(a.support, ordinary.support)
+    with pytest.raises(DatasetError, match="pool of 2 classes"):
+        sampler.hard_episode(0, [1, 2])
 
 
 def test_too_few_fresh_images_takes_every_fresh_one_first() -> None:
     by_class = _by_class(per=6)
-    sampler = HardTaskSampler(by_class, 2, 2, 3, seed=0, fresh_images=True)
+    sampler = EpisodeSampler(by_class, 2, 2, 3, seed=0)
     used = np.concatenate([by_class[c][:3] for c in (0, 1)])  # 3 fresh left < 5 needed
-    (episode,) = sampler.sample([0, 1], count=1, used=used)
+    episode = sampler.hard_episode(0, [0, 1], used)
     assert sampler.reused == 2
     for j, c in enumerate(episode.classes):
         picked = np.concatenate(
@@ -71,29 +82,11 @@ def test_too_few_fresh_images_takes_every_fresh_one_first() -> None:
         assert set(by_class[c][3:].tolist()) <= set(picked.tolist())
 
 
-def test_fresh_images_off_ignores_used() -> None:
-    by_class = _by_class(per=5)
-    sampler = HardTaskSampler(by_class, 2, 2, 3, seed=0, fresh_images=False)
-    used = np.concatenate(by_class[:2])
-    (episode,) = sampler.sample([0, 1], count=1, used=used)
-    assert np.isin(episode.query, used).all() and sampler.reused == 0
-
-
 def test_small_pool_is_topped_up_from_rankings_only() -> None:
-    sampler = HardTaskSampler(_by_class(), ways=4, shots=1, queries=1, seed=0)
     rankings = [[2, 3, 5, 8], [6, 3, 9, 0]]
-    assert sampler.pool([2, 6], rankings) == [2, 6, 3, 5]
-    assert sampler.pool([2, 6], rankings + [[2, 1, 4, 0]]) == [2, 6, 3, 1]
-    episodes = sampler.sample([2, 6], 3, rankings=rankings)
-    allowed = {2, 6, 3, 5, 9}  # failures, then 2nd-worst, then 3rd-worst
-    assert episodes and all(set(e.classes.tolist()) <= allowed for e in episodes)
-    assert sampler.sample([2, 6], 3) == [] and sampler.skipped == 1
-
-
-def test_same_seed_same_hard_tasks() -> None:
-    a = HardTaskSampler(_by_class(), 3, 1, 2, seed=5).sample([0, 1, 2, 3], 4)
-    b = HardTaskSampler(_by_class(), 3, 1, 2, seed=5).sample([0, 1, 2, 3], 4)
-    assert all(np.array_equal(x.query, y.query) for x, y in zip(a, b, strict=True))
+    assert hard_pool([2, 6], rankings, 4) == [2, 6, 3, 5]
+    assert hard_pool([2, 6], rankings + [[2, 1, 4, 0]], 4) == [2, 6, 3, 1]
+    assert hard_pool([2, 6], None, 4) == [2, 6]
 
 
 def test_config_schedule_and_validation() -> None:
@@ -107,7 +100,7 @@ def test_config_schedule_and_validation() -> None:
 def test_miner_draws_from_worst_classes_and_counts() -> None:
     by_class = _by_class()
     miner = HardTaskMiner(
-        HardTaskSampler(by_class, 2, 1, 2, seed=0), HardTaskConfig(count=3, fresh_images=True)
+        EpisodeSampler(by_class, 2, 1, 2, seed=0), HardTaskConfig(count=3, fresh_images=True)
     )
     stats = [
         TaskStats([0, 1, 2], [1.0, 0.2, 0.9], 0.7, 0.5, False),
@@ -123,4 +116,8 @@ def test_miner_draws_from_worst_classes_and_counts() -> None:
     miner.record([TaskStats([1, 3], [0.5, 0.5], 0.5, 0.7, True)] * 3)
     d = miner.stats.to_dict()
     assert d["events"] == 1 and d["tasks"] == 3 and d["normal_tasks"] == 2
+    used = _T.indices
+    assert all(not np.isin(np.concatenate([e.support, e.query]), used).any() for e in episodes)
+    later = miner.after_batch([_T()], stats, epoch=0, batch=1)  # the next hard episodes
+    assert not any(np.array_equal(a.query, b.query) for a in episodes for b in later)
     assert d["accuracy"] == pytest.approx(0.5) and d["normal_accuracy"] == pytest.approx(0.65)

@@ -10,17 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.errors import ConfigError, DatasetError
+from mtl_edge.train.config import JointConfig
 from mtl_edge.train.joint import (
-    JointConfig,
     JointLearner,
-    Task,
-    TaskSampler,
+    all_indices,
     inner_adapt,
     maml_gradient,
     mix_parameters,
     prototype_head,
+    query_labels,
     reptile_gradient,
+    support_labels,
 )
 
 
@@ -50,9 +52,9 @@ def _learner(cfg: JointConfig, n_classes: int = 6) -> JointLearner:
     return JointLearner(Toy(), n_classes, cfg)
 
 
-def _tasks(labels: np.ndarray, cfg: JointConfig, n: int = 3) -> list[Task]:
-    sampler = TaskSampler(labels, cfg.ways, cfg.shots, cfg.queries, seed=1)
-    return [sampler.task() for _ in range(n)]
+def _tasks(labels: np.ndarray, cfg: JointConfig, n: int = 3) -> list[Episode]:
+    by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+    return EpisodeSampler(by_class, cfg.ways, cfg.shots, cfg.queries, seed=1).episodes(n)
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,7 +93,7 @@ def test_beta_zero_is_the_transfer_step_alone() -> None:
     opt = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=cfg.transfer_lr)
     tasks = _tasks(labels, cfg)
     stats = learner.step(lambda i: x[torch.as_tensor(i)], tasks)
-    idx = np.concatenate([t.all_indices() for t in tasks])
+    idx = np.concatenate([all_indices(t) for t in tasks])
     F.cross_entropy(head(net(x[idx])), torch.as_tensor(labels[idx])).backward()
     opt.step()
     assert set(stats) == {"delta_transfer"}
@@ -121,7 +123,7 @@ def test_reptile_moves_theta_toward_the_task_solution() -> None:
     cfg.optimizer, cfg.outer_lr = "sgd", 1.0
     learner = _learner(cfg)
     task = _tasks(labels, cfg, 1)[0]
-    xs, ys = x[torch.as_tensor(task.all_indices())], task.local_labels("support")
+    xs, ys = x[torch.as_tensor(all_indices(task))], support_labels(task)
     net = copy.deepcopy(learner.backbone)
     w, b = torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
     inner = torch.optim.SGD(list(net.parameters()) + [w, b], lr=cfg.inner_lr)
@@ -150,11 +152,11 @@ def test_reptile_moves_theta_toward_the_task_solution() -> None:
     assert adapted_loss() < before
 
 
-def _unrolled_query_loss(net: Toy, task: Task, x: torch.Tensor, cfg: JointConfig):
+def _unrolled_query_loss(net: Toy, task: Episode, x: torch.Tensor, cfg: JointConfig):
     """MAML by hand: returns (query loss, the list of adapted weights)."""
     params = [net.fc.weight, net.fc.bias]
     w, b = torch.zeros(3, 3, requires_grad=True), torch.zeros(3, requires_grad=True)
-    xs, ys = x[torch.as_tensor(task.support)], task.local_labels("support")
+    xs, ys = x[torch.as_tensor(task.support)], support_labels(task)
     fast = params + [w, b]
     for _ in range(cfg.inner_steps):
         logits = F.linear(torch.tanh(F.linear(xs, fast[0], fast[1])), fast[2], fast[3])
@@ -162,7 +164,7 @@ def _unrolled_query_loss(net: Toy, task: Task, x: torch.Tensor, cfg: JointConfig
         fast = [p - cfg.inner_lr * g for p, g in zip(fast, grads, strict=True)]
     xq = x[torch.as_tensor(task.query)]
     logits = F.linear(torch.tanh(F.linear(xq, fast[0], fast[1])), fast[2], fast[3])
-    return F.cross_entropy(logits, task.local_labels("query")), fast
+    return F.cross_entropy(logits, query_labels(task)), fast
 
 
 def test_maml_first_and_second_order_gradients() -> None:
@@ -197,22 +199,19 @@ def test_beta_outside_unit_interval_is_a_config_error(beta: float) -> None:
 
 def test_bad_options_and_data() -> None:
     with pytest.raises(ConfigError, match="joint.meta"):
-        JointConfig(meta="protonet").validate()
+        JointConfig(meta="protonet")
     with pytest.raises(ConfigError, match="Reptile needs >= 2"):
-        JointConfig(inner_steps=1).validate()
+        JointConfig(inner_steps=1)
     with pytest.raises(ConfigError, match="joint.head_init='random'"):
-        JointConfig(head_init="random").validate()
-    JointConfig(inner_steps=1, head_init="prototypes").validate()
+        JointConfig(head_init="random")
+    JointConfig(inner_steps=1, head_init="prototypes")
     with pytest.raises(ConfigError, match="queries"):
-        JointConfig(meta="maml", queries=0).validate()
-    learner = _learner(JointConfig(), n_classes=6)
-    with pytest.raises(DatasetError, match="transfer head has 6 outputs.*10 base classes"):
-        learner.check_labels(10)
+        JointConfig(meta="maml", queries=0)
     _, labels = _data(n_classes=4, per_class=3)
-    with pytest.raises(DatasetError, match="4 classes; joint.ways=5"):
-        TaskSampler(labels, 5, 1, 1, 0)
-    with pytest.raises(DatasetError, match="class with 3 images"):
-        TaskSampler(labels, 2, 2, 2, 0)
+    with pytest.raises(DatasetError, match="4 classes, fewer than the 5 ways"):
+        _tasks(labels, JointConfig(ways=5, shots=1, queries=1))
+    with pytest.raises(DatasetError, match="has 3 images, fewer than the 4"):
+        _tasks(labels, JointConfig(ways=2, shots=2, queries=2))
 
 
 def test_prototype_head_is_the_nearest_mean_classifier() -> None:
@@ -253,8 +252,8 @@ def test_first_order_proto_maml_flows_through_the_prototypes() -> None:
     images = lambda i: x[torch.as_tensor(i)]  # noqa: E731
     net = learner.backbone
 
-    head = prototype_head(net(images(task.support)), task.local_labels("support"), 3)
-    loss = F.cross_entropy(F.linear(net(images(task.query)), *head), task.local_labels("query"))
+    head = prototype_head(net(images(task.support)), support_labels(task), 3)
+    loss = F.cross_entropy(F.linear(net(images(task.query)), *head), query_labels(task))
     protonet = torch.autograd.grad(loss, [net.fc.weight, net.fc.bias])
 
     g = maml_gradient(net, images, [task], cfg)

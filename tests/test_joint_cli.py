@@ -14,19 +14,18 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from mtl_edge.commands.train import register
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.joint_cli import register
 
 TINY = """
 [data]
 kind = "synthetic"
-split = "train"
-image_size = 16
 options = {size = 16, per_class = 8, train_classes = 6}
 
 [model]
 backbone = "conv4"
-width = 4
+args = {width = 4}
+preprocess = {size = 16}
 
 [joint]
 ways = 3
@@ -34,8 +33,6 @@ shots = 2
 queries = 1
 meta_batch = 2
 inner_steps = 2
-
-[train]
 iterations = 3
 log_every = 1
 checkpoint_every = 2
@@ -44,9 +41,7 @@ checkpoint_every = 2
 
 def _app() -> typer.Typer:
     app = typer.Typer()
-    train_app = typer.Typer()
-    app.add_typer(train_app, name="train")
-    register(train_app)
+    register(app, "train")
     return app
 
 
@@ -70,23 +65,24 @@ def test_cli_trains_a_self_describing_run(tiny_recipe: Path, tmp_path: Path) -> 
     info = json.loads(result.output)
     assert info["method"] == "maml+transfer"
     ckpt = torch.load(info["checkpoint"], weights_only=True)
-    assert ckpt["format"] == "mtl-edge.checkpoint" and ckpt["version"] == 1
+    assert ckpt["format"] == "mtl-edge.checkpoint" and ckpt["version"] == 2
     assert ckpt["model"] == "conv4" and ckpt["model_args"]["width"] == 4
-    assert ckpt["preprocess"]["size"] == 16 and ckpt["adapt"]["kind"] == "inner"
+    assert ckpt["preprocess"]["size"] == 16 and ckpt["deploy"]["adapt"]["kind"] == "inner"
     assert ckpt["transfer_head"]["weight"].shape == (6, 4)
     assert ckpt["config"]["joint"]["beta"] == 0.5
     run = tmp_path / "run"
-    assert (run / "checkpoints" / "it000002.pt").is_file()
+    assert (run / "it000002.pt").is_file() and (run / "run.json").is_file()
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["iteration"] for ln in lines] == [1, 2, 3]
     assert {"delta_meta", "delta_transfer"} <= set(json.loads(lines[-1]))
-    assert json.loads((run / "config.json").read_text())["joint"]["meta"] == "maml"
+    assert 'meta = "maml"' in (run / "config.toml").read_text()
     again = _train(tiny_recipe, run)
     assert isinstance(again.exception, ConfigError) and "already holds" in str(again.exception)
-    from mtl_edge.commands.train import evaluate_checkpoint
+    from mtl_edge.train.evaluate import evaluate_checkpoint
 
-    scored = evaluate_checkpoint(info["checkpoint"], 3, [1], 2, ["centroid"], 2, 0, device="cpu")
-    # the plain meta-test reads the joint recipe's own [data] table
+    protocol = {"ways": 3, "shots": [1], "episodes": 2, "heads": ["centroid"], "queries": 2}
+    scored = evaluate_checkpoint(info["checkpoint"], protocol)
+    # the plain meta-test reads the joint checkpoint's recipe like any other
     assert scored["ways"] == 3 and scored["results"]["1"]["centroid"]["episodes"] == 2
 
 
@@ -96,8 +92,8 @@ def test_cli_trains_a_self_describing_run(tiny_recipe: Path, tmp_path: Path) -> 
         ("joint.beta=1.5", "joint.beta=1.5: must be within [0, 1]"),
         ("joint.nope=1", "unknown key joint.nope"),
         ("joint.ways=many", "joint.ways = 'many' has the wrong type; expected int"),
-        ("model.num_base_classes=9", "transfer head has 9 outputs"),
-        ("train.device=gpu", "train.device='gpu': use auto, cpu or cuda[:i]"),
+        ("model.num_base_classes=9", "unknown key model.num_base_classes"),
+        ("runtime.device=gpu", "runtime.device='gpu': use auto, cpu or cuda[:i]"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(

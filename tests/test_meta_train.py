@@ -13,7 +13,6 @@ from tiny_recipe import tiny_recipe
 from mtl_edge.errors import ConfigError
 from mtl_edge.train.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 from mtl_edge.train.meta_train import meta_train
-from mtl_edge.train.meta_transfer import MetaTransferLearner
 from mtl_edge.train.pretrain import pretrain
 
 
@@ -51,10 +50,12 @@ def test_meta_train_with_hard_tasks(tmp_path: Path, pretrained: Path) -> None:
     assert lines[1]["ss_lr"] == pytest.approx(lines[0]["ss_lr"] * 0.5)  # lr decay per epoch
     assert all("val_acc" in m and m["hard_batches"] > 0 for m in lines)
     loaded = load_checkpoint(result["checkpoint"])
-    assert isinstance(loaded.model, MetaTransferLearner) and loaded.stage == "meta"
+    assert loaded.stage == "meta" and loaded.head.init == "meta" and loaded.adapt["kind"] == "mtl"
     ckpt = read_checkpoint(result["checkpoint"])
     assert any(k.endswith("ss_scale") for k in ckpt["state_dict"])
-    assert ckpt["fc_init"]["weight"].shape == (5, loaded.model.fc_weight.shape[1])
+    assert ckpt["deploy"]["fc_init"]["weight"].shape == (5, loaded.backbone.feature_dim)
+    assert loaded.meta_init is not None and loaded.meta_init[0].shape == (5, 8)
+    assert ckpt["train_split"]["images"] > 0
     # SS moved away from identity: the meta-step trained it
     scales = [v for k, v in ckpt["state_dict"].items() if k.endswith("ss_scale")]
     assert any(not torch.allclose(s, torch.ones_like(s)) for s in scales)

@@ -3,6 +3,8 @@ first and second order both reach SS and the FC init; tasks from episodes."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,10 @@ from torch import nn
 
 from mtl_edge.data.episodes import EpisodeSampler
 from mtl_edge.errors import ConfigError
+from mtl_edge.settings import from_dict
 from mtl_edge.train.backbones import create_backbone
+from mtl_edge.train.config import MetaConfig
 from mtl_edge.train.meta_transfer import (
-    MetaSettings,
     MetaTransferLearner,
     Task,
     TaskBuilder,
@@ -135,12 +138,12 @@ def test_eval_uses_test_steps_and_other_ways() -> None:
 
 
 def test_settings_validation_and_round_trip() -> None:
-    s = MetaSettings(inner_steps=20, test_steps=100, inner_lr=1e-3, second_order=True)
-    assert MetaSettings.from_dict(s.to_dict()) == s
+    s = MetaConfig(inner_steps=20, test_steps=100, inner_lr=1e-3, second_order=True)
+    assert from_dict(MetaConfig, asdict(s)) == s
     with pytest.raises(ConfigError, match="fc_init"):
-        MetaSettings(fc_init="ones")
+        MetaConfig(fc_init="ones")
     with pytest.raises(ConfigError, match="unknown"):
-        MetaSettings.from_dict({"inner_step": 3})
+        from_dict(MetaConfig, {"inner_step": 3})
     with pytest.raises(ConfigError, match="inner_step"):
         _learner(inner_step=3)
     with pytest.raises(ConfigError, match="ways"):

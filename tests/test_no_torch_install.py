@@ -17,7 +17,16 @@ import pytest
 from device_fixtures import COLOURS, make_bundle, make_class_folders, make_image
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "mtl_edge", "train", "export", "bench", "recipes")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "mtl_edge",
+    "train",
+    "export",
+    "bench",
+    "workflows",
+    "recipes",
+)
 
 
 def _run(cmd: list[str | Path], timeout: int = 600) -> subprocess.CompletedProcess[str]:

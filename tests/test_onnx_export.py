@@ -8,12 +8,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from test_fold import tiny_ss_model
+from model_fixtures import tiny_ss_model
 
 from mtl_edge.data.synthetic import make_synthetic_split
 from mtl_edge.errors import MtlEdgeError
 from mtl_edge.export import parity
-from mtl_edge.export.fold import fold_model
 from mtl_edge.export.onnx_export import (
     FORBIDDEN_OPS,
     INPUT_NAME,
@@ -24,13 +23,14 @@ from mtl_edge.export.onnx_export import (
     op_counts,
 )
 from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.fuse import fuse_model
 
 SIZE = 20
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    folded = fold_model(tiny_ss_model(seed=4))
+    folded = fuse_model(tiny_ss_model(seed=4))
     path = export_onnx(folded, (3, SIZE, SIZE), tmp_path_factory.mktemp("onnx") / "b.onnx")
     return folded, path
 
@@ -42,7 +42,7 @@ def test_graph_is_folded_and_checked(exported: tuple[torch.nn.Module, Path]) -> 
     ops = op_counts(model)
     for op in FORBIDDEN_OPS:
         assert op not in ops, f"{op} left in the graph: {dict(ops)}"
-    assert ops["Conv"] == 4
+    assert ops["Conv"] == 16  # 4 residual blocks x (3 convs + a 1x1 shortcut)
     assert any(o.domain in ("", "ai.onnx") and o.version == OPSET for o in model.opset_import)
     assert not model.graph.initializer or all(
         not t.HasField("data_location") or t.data_location == onnx.TensorProto.DEFAULT
@@ -86,9 +86,9 @@ def test_episode_agreement_detects_a_different_model() -> None:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((len(split), 8)).astype(np.float32)
     b = rng.standard_normal((len(split), 8)).astype(np.float32)
-    eps = parity.fixed_episodes(split, 50, shots=1)
-    assert parity.episode_agreement(a, a, eps)["pass"]
-    assert not parity.episode_agreement(a, b, eps)["pass"]
+    eps = parity.check_episodes(split, 50, shots=1)
+    assert parity.episode_agreement(a, a, split.labels, eps)["pass"]
+    assert not parity.episode_agreement(a, b, split.labels, eps)["pass"]
 
 
 def test_compare_features_zero_rows() -> None:
@@ -113,4 +113,4 @@ def test_check_graph_refuses_unfolded_ops(tmp_path: Path) -> None:
 
 def test_example_batch_of_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="example_batch"):
-        export_onnx(fold_model(tiny_ss_model()), (3, 8, 8), tmp_path / "x.onnx", example_batch=1)
+        export_onnx(fuse_model(tiny_ss_model()), (3, 8, 8), tmp_path / "x.onnx", example_batch=1)

@@ -12,8 +12,9 @@ import torch
 from tiny_recipe import tiny_recipe
 
 from mtl_edge.errors import ConfigError
+from mtl_edge.settings import from_dict
 from mtl_edge.train.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from mtl_edge.train.config import TrainConfig, from_dict
+from mtl_edge.train.config import Recipe
 from mtl_edge.train.pretrain import lr_factor, pretrain
 
 
@@ -35,7 +36,7 @@ def test_pretrain_writes_run_and_resumes(tmp_path: Path) -> None:
     assert best["metrics"]["val_acc"] == max(m["val_acc"] for m in lines)
     loaded = load_checkpoint(result["checkpoint"], expect_model="conv4")
     x = torch.zeros(2, 3, 16, 16)
-    assert loaded.model.forward_features(x).shape == (2, loaded.model.feature_dim)
+    assert loaded.backbone.forward_features(x).shape == (2, loaded.backbone.feature_dim)
     run = json.loads((out / "run.json").read_text())
     assert set(run["splits"]) == {"train", "val"}
     # finished run: resuming trains nothing more and keeps the weights
@@ -63,13 +64,13 @@ def test_training_lowers_the_loss(tmp_path: Path) -> None:
 
 
 def test_schedules() -> None:
-    cfg = from_dict(TrainConfig, {"pretrain": {"epochs": 10, "schedule": "cosine"}})
+    cfg = from_dict(Recipe, {"pretrain": {"epochs": 10, "schedule": "cosine"}})
     assert lr_factor(cfg, 0, 10) == pytest.approx(1.0)
     assert lr_factor(cfg, 50, 10) == pytest.approx(0.5)
-    step = from_dict(TrainConfig, {"pretrain": {"schedule": "step", "step_size": 3, "gamma": 0.1}})
+    step = from_dict(Recipe, {"pretrain": {"schedule": "step", "step_size": 3, "gamma": 0.1}})
     assert lr_factor(step, 29, 10) == pytest.approx(1.0)
     assert lr_factor(step, 30, 10) == pytest.approx(0.1)
-    warm = from_dict(TrainConfig, {"pretrain": {"epochs": 10, "warmup_epochs": 1}})
+    warm = from_dict(Recipe, {"pretrain": {"epochs": 10, "warmup_epochs": 1}})
     assert lr_factor(warm, 4, 10) == pytest.approx(0.5)
 
 

@@ -11,11 +11,11 @@ import pytest
 
 from mtl_edge import cli
 from mtl_edge.data.folders import read_class_folders
+from mtl_edge.data.registry import open_split
 from mtl_edge.data.shards import pack_split, read_index, read_shards
 from mtl_edge.data.synthetic import make_synthetic_split
 from mtl_edge.data.verify import verify_dataset
 from mtl_edge.errors import DatasetError, MtlEdgeError
-from mtl_edge.train.datasets import open_split
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -125,24 +125,18 @@ def test_without_cryptography_signing_is_one_line_with_exit_2(signed: Path, keys
 
 def test_export_sign_writes_a_verifiable_signature(keys, tmp_path: Path, capsys) -> None:
     pytest.importorskip("torch")
-    from test_fold import standin_factory, tiny_checkpoint
+    from model_fixtures import tiny_checkpoint
 
     from mtl_edge.cli import main
-    from mtl_edge.export import api
 
     ckpt = tiny_checkpoint(tmp_path / "meta.pt")
     out = tmp_path / "bundle"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(api, "default_model_factory", standin_factory)
-    try:
-        with pytest.raises(SystemExit) as bad:
-            main(["export", str(ckpt), "--out", str(out), "--sign", str(keys[1])])
-        assert bad.value.code == 1 and not out.exists()  # a public key: refused before exporting
-        with pytest.raises(SystemExit) as done:
-            main(["export", str(ckpt), "--out", str(out), "--sign", str(keys[0]), "--json"])
-        assert done.value.code in (0, None)
-    finally:
-        mp.undo()
+    with pytest.raises(SystemExit) as bad:
+        main(["export", str(ckpt), "--out", str(out), "--sign", str(keys[1])])
+    assert bad.value.code == 1 and not out.exists()  # a public key: refused before exporting
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(ckpt), "--out", str(out), "--sign", str(keys[0]), "--json"])
+    assert done.value.code in (0, None)
     doc = json.loads(capsys.readouterr().out)
     assert doc["report"]["signature"]["key_id"]
     Bundle.load(out, trusted_key=keys[1])

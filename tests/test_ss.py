@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.backbones import conv_bn_pairs, create_backbone
+from mtl_edge.train.backbones import ConvBN, create_backbone
 from mtl_edge.train.ss import (
     SSConv2d,
     bn_parameters,
@@ -149,7 +149,7 @@ def test_revert_ss_gives_plain_trainable_convs_with_same_outputs() -> None:
         got = reverted(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not ss_modules(reverted)
-    assert all(type(c) is nn.Conv2d for c, _ in conv_bn_pairs(reverted))
+    assert all(type(m.conv) is nn.Conv2d for m in reverted.modules() if isinstance(m, ConvBN))
 
 
 @pytest.mark.parametrize(("name", "size"), [("resnet12", 84), ("resnet25", 80)])

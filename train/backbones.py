@@ -6,13 +6,14 @@ Every backbone maps images of shape (B, C, H, W) to features of shape (B, featur
 that survives the network's down-sampling), and carries `model_args`, the JSON-able keyword
 arguments that rebuild it with `create_backbone(name, **model_args)`.
 
-Every convolution sits in a `ConvBN` module, immediately followed by its BatchNorm, so that
-`conv_bn_pairs(model)` finds every (conv, bn) pair by walking modules, also after the convs were
-replaced by SS convs (`mtl_edge.train.ss.convert_to_ss`). The export side folds with those pairs.
+Every convolution sits in a `ConvBN` module, immediately followed by its BatchNorm; `ConvBN.fuse()`
+folds the pair (also after the conv was replaced by an SS conv, `mtl_edge.train.ss.convert_to_ss`)
+and `mtl_edge.train.fuse.fuse_model` walks a network doing so before export.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,6 +60,28 @@ class ConvBN(nn.Module):
         """(B, in, H, W) -> (B, out, H / stride, W / stride)."""
         return self.bn(self.conv(x))
 
+    def fuse(self) -> nn.Conv2d:
+        """One plain conv computing this block in eval mode: the conv (an SS conv fused first)
+        with the BatchNorm's running statistics and affine map folded in (float64)."""
+        conv = self.conv.fuse() if hasattr(self.conv, "fuse") else copy.deepcopy(self.conv)
+        bn = self.bn
+        if bn.running_mean is None or bn.running_var is None:
+            raise ConfigError("a BatchNorm without running statistics cannot be folded")
+        with torch.no_grad():
+            var = bn.running_var.double()
+            gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+            beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+            scale = gamma / torch.sqrt(var + bn.eps)
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
+            weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+            bias = (bias - bn.running_mean.double()) * scale + beta
+            conv.weight.copy_(weight.to(conv.weight.dtype))
+            if conv.bias is None:
+                conv.bias = nn.Parameter(bias.to(conv.weight.dtype))
+            else:
+                conv.bias.copy_(bias.to(conv.bias.dtype))
+        return conv
+
 
 def _init_weights(model: nn.Module) -> None:
     """Kaiming-normal convs (fan_out, as both official codes), unit BN scale, zero shifts."""
@@ -86,6 +109,12 @@ class Backbone(nn.Module):
     in_channels: int
     model_args: dict[str, Any]
     name: str
+
+    def _describe(self, in_channels: int, feature_dim: int, **model_args: Any) -> None:
+        """Record what rebuilds this network (`model_args`) and initialise its weights."""
+        self.in_channels, self.feature_dim = in_channels, feature_dim
+        self.model_args = {"in_channels": in_channels, **model_args}
+        _init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W) -> features of shape (B, feature_dim)."""
@@ -149,15 +178,7 @@ class ResNet12(Backbone):
             blocks.append(ResNet12Block(prev, w, slope, bias))
             prev = w
         self.blocks = nn.Sequential(*blocks)
-        self.feature_dim = widths[-1]
-        self.in_channels = in_channels
-        self.model_args = {
-            "in_channels": in_channels,
-            "widths": widths,
-            "slope": slope,
-            "bias": bias,
-        }
-        _init_weights(self)
+        self._describe(in_channels, widths[-1], widths=widths, slope=slope, bias=bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W), H and W >= 16 -> features of shape (B, widths[-1])."""
@@ -222,15 +243,7 @@ class ResNet25(Backbone):
             stages.append(nn.Sequential(*layer))
             prev = w
         self.stages = nn.Sequential(*stages)
-        self.feature_dim = widths[-1]
-        self.in_channels = in_channels
-        self.model_args = {
-            "in_channels": in_channels,
-            "stem": stem,
-            "widths": widths,
-            "blocks": blocks,
-        }
-        _init_weights(self)
+        self._describe(in_channels, widths[-1], stem=stem, widths=widths, blocks=blocks)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W) -> features of shape (B, widths[-1])."""
@@ -264,10 +277,7 @@ class Conv4(Backbone):
             layers.append(ConvBN(prev, width, 3, bias=bias))
             prev = width
         self.layers = nn.ModuleList(layers)
-        self.feature_dim = width
-        self.in_channels = in_channels
-        self.model_args = {"in_channels": in_channels, "width": width, "bias": bias}
-        _init_weights(self)
+        self._describe(in_channels, width, width=width, bias=bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images of shape (B, C, H, W), H and W >= 16 -> features of shape (B, width)."""
@@ -329,13 +339,3 @@ def create_backbone(name: str, **kwargs: Any) -> Backbone:
     model = factory(**kwargs)
     model.name = name
     return model
-
-
-def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.BatchNorm2d]]:
-    """Every (conv, bn) pair of a registry backbone, in module order.
-
-    The conv is an `nn.Conv2d` or an SS conv (anything the `ConvBN.conv` slot holds); the BN is
-    the BatchNorm applied directly to its output, nothing in between. Every conv of a registry
-    backbone belongs to exactly one pair.
-    """
-    return [(m.conv, m.bn) for m in model.modules() if isinstance(m, ConvBN)]

@@ -22,23 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: Inner-loss reductions: "mean" over the support set; "sum" over it; "tf" the TF code's
-#: (per-example cross-entropy / shots, summed by tf.gradients: ways x the mean).
-INNER_LOSSES = ("mean", "sum", "tf")
-
-
-def mean_loss_scale(inner_loss: str, n_support: int, ways: int) -> float:
-    """Factor c such that the gradient of the `inner_loss` reduction is c x the gradient of the
-    mean loss: running the mean-loss loop with lr * c (and weight decay / c) is the same update.
-    """
-    if inner_loss == "mean":
-        return 1.0
-    if inner_loss == "sum":
-        return float(n_support)
-    if inner_loss == "tf":
-        return float(ways)
-    raise ValueError(f"inner_loss={inner_loss!r}: use one of {', '.join(INNER_LOSSES)}")
-
 
 def fc_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Logits of shape (N, ways) for features (N, D), weight (ways, D), bias (ways,)."""

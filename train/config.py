@@ -1,54 +1,61 @@
-"""Typed training configs read from TOML recipes, with `--set key.sub=value` overrides.
+"""The recipe: one typed tree of dataclasses for every stage, read from one TOML file.
 
-`load_config(cls, path_or_name, overrides)` works for any tree of dataclasses: every TOML table
-maps to a dataclass field whose type is itself a dataclass, every value is checked against the
-field's annotation (int, float, bool, str, X | None, tuple[X, ...], list[X], dict[str, Any],
-Any). An unknown key or a value of the wrong type raises one `ConfigError` naming the key and
-the file. A recipe name without a path ("demo", "omniglot-cpu.toml") resolves to the packaged
-recipes (`mtl_edge.recipes`).
-
-`TrainConfig` is the recipe of pre-training and meta-training (tables data, model, pretrain,
-meta, hard_tasks, eval, runtime); `config_to_dict` turns any config back into plain TOML/JSON
-data.
+A recipe (recipes/*.toml) has the tables data, model, pretrain, meta, hard_tasks, joint, eval,
+export, pipeline and runtime; every stage reads the tables it needs from the same `Recipe`
+(pre-training, meta-transfer, the joint method, meta-test, export, the pipeline and the demo).
+`load_recipe(name_or_path, overrides)` reads a TOML path or a packaged recipe by name and
+applies `--set key.sub=value` overrides (`mtl_edge.settings`: one parser for every command).
+Every table validates itself when it is built, so an unusable value fails as one line naming
+the key and the file before any work starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from mtl_edge.errors import ConfigError
+from mtl_edge.data.registry import KINDS
+from mtl_edge.errors import ConfigError, MtlEdgeError
+from mtl_edge.fewshot.fc import HEAD_LOSSES
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.settings import (
+    apply_overrides,
+    from_dict,
+    read_toml,
+    require,
+    require_at_least,
+    require_one_of,
+    require_positive,
+)
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------------
-# The training recipe
+SCHEDULES = ("cosine", "step")
+FC_INITS = ("zeros", "normal", "kaiming")
+BN_MODES = ("frozen", "train")
+REDUCTIONS = ("mean", "sum")
+META_KINDS = ("reptile", "maml")
+MIX_KINDS = ("paper", "code")
+OPTIMIZERS = ("adam", "sgd")
+TASK_HEAD_INITS = ("zero", "prototypes")
+#: Meta-test heads: the feature heads of `mtl_edge.fewshot.heads` and the image head.
+EVAL_HEADS = ("mtl", "centroid", "centroid-euclidean", "logreg", "finetune")
 
 
 @dataclass
 class DataConfig:
-    """Where the images come from (`mtl_edge.train.datasets.open_split(kind, root, split)`).
+    """Where the images come from (`mtl_edge.data.registry.open_split_spec`).
 
     Attributes:
         kind: dataset layout ("folders", "omniglot", "synthetic", ...).
-        root: dataset folder; "" means $MTL_EDGE_DATA (default ../shared/data of the repo) /
-            `default_subdir`. Ignored for "synthetic".
+        root: dataset folder; "" means `mtl_edge.data.registry.data_root()` / `default_subdir`.
+            Ignored for "synthetic".
         default_subdir: folder under the data root when `root` is empty.
         options: reader options (color_mode, val_alphabets, rotations, size, ...).
-        train_split, val_split, test_split: split names.
+        train_split, val_split, test_split: split specs ("train", "train[:44]", "val+test").
+        per_class: use the first N images of every training class (0: all).
+        cache_dir: folder for decoded splits ("": $MTL_EDGE_CACHE/decoded, or memory only).
     """
 
     kind: str = "synthetic"
@@ -58,6 +65,12 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    per_class: int = 0
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        require_one_of("data", "kind", self.kind, KINDS)
+        require_at_least("data", self, ["per_class"], 0)
 
 
 @dataclass
@@ -69,19 +82,34 @@ class ModelConfig:
     args: dict[str, Any] = field(default_factory=dict)
     preprocess: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        pre = self.input_preprocess
+        in_channels = int(self.args.get("in_channels", 3))
+        require(
+            in_channels == pre.channels,
+            f"model.args.in_channels={in_channels} but model.preprocess.color_mode="
+            f"{pre.color_mode!r} gives {pre.channels} channel(s); make them agree",
+        )
+
+    @property
+    def input_preprocess(self) -> Preprocess:
+        """The `Preprocess` of the [model] table."""
+        try:
+            return Preprocess.from_dict(dict(self.preprocess))
+        except MtlEdgeError as e:
+            raise ConfigError(f"model.preprocess: {e}") from None
+
 
 @dataclass
 class PretrainConfig:
     """Phase 1: a classifier over all base classes.
 
     Attributes:
-        epochs, batch_size: passes over the train split and images per step.
-        lr, momentum, nesterov, weight_decay: SGD.
-        schedule: "cosine" or "step" (x `gamma` every `step_size` epochs).
-        warmup_epochs: linear warm-up of the lr.
-        label_smoothing: of the cross-entropy.
-        augment: random resized crop, flip, colour jitter (`gpu_data.DeviceAugment`).
-        crop_scale: area range of the random resized crop.
+        epochs, batch_size, lr, momentum, nesterov, weight_decay: SGD over the train split.
+        schedule: "cosine" or "step" (x `gamma` every `step_size` epochs); warmup_epochs:
+            linear warm-up of the lr; label_smoothing: of the cross-entropy.
+        augment, crop_scale: random resized crop (of that area range), flip, colour jitter
+            (`gpu_data.DeviceAugment`).
         val_episodes, val_ways, val_shots, val_queries: validation episodes on the validation
             classes after every `val_every` epochs (nearest-centroid on the features); the best
             one is best.pt. 0 episodes: the last epoch is best.
@@ -110,14 +138,23 @@ class PretrainConfig:
     device_data: bool = True
     max_steps_per_epoch: int = 0
 
+    def __post_init__(self) -> None:
+        require_one_of("pretrain", "schedule", self.schedule, SCHEDULES)
+        require_at_least("pretrain", self, ["epochs", "batch_size", "step_size", "val_every"], 1)
+        require_positive("pretrain", self, ["lr"])
+        require(
+            0 <= self.label_smoothing < 1,
+            f"pretrain.label_smoothing={self.label_smoothing}: need 0 <= value < 1",
+        )
+
 
 @dataclass(frozen=True)
-class MetaSettingsFields:
-    """The learner settings: how the FC base-learner adapts and what the meta-loss is. Their
-    names, types and defaults, shared by the [meta] recipe table (`MetaConfig`) and by
-    `mtl_edge.train.meta_transfer.MetaSettings`, which checks the values. Defaults follow the
-    official PyTorch code (the TF code's setting: inner_steps=20, test_steps=100,
-    inner_lr=1e-3, inner_loss="tf", second_order=True).
+class MetaConfig:
+    """Phase 2: SS meta-transfer with the FC base-learner; also the learner's settings
+    (`mtl_edge.train.meta_transfer.MetaTransferLearner` takes this table).
+
+    Learner settings (defaults follow the official PyTorch code; the TF code's setting is
+    inner_steps=20, test_steps=100, inner_lr=1e-3, inner_loss="tf", second_order=True):
 
     Attributes:
         inner_steps: T during meta-training (100).
@@ -127,34 +164,15 @@ class MetaSettingsFields:
             `mtl_edge.train.base_learner`).
         inner_loss: "mean" (default, what the device head minimises), "sum" over the support
             set, or "tf": the TF code's cross-entropy summed over the support set and divided by
-            the shots (= ways x the mean). Others run as "mean" with lr x c and weight decay / c
-            (`base_learner.mean_loss_scale`), which is the same update.
+            the shots (= ways x the mean); see `mtl_edge.fewshot.fc.loss_scale`.
         inner_weight_decay: coefficient of 0.5 * ||W||^2 in the inner loss (0).
         normalize: L2-normalise features before the FC head (False, as both official codes).
         fc_init: the FC initialisation's starting value: "zeros" (default; symmetric slots and
             what the device falls back to), "normal" (std 0.01) or "kaiming" (the PyTorch code).
         bn_mode: "frozen" (default) or "train"; see `mtl_edge.train.ss`.
         reduction: meta-batch loss "mean" (default) or "sum" over tasks.
-    """
 
-    inner_steps: int = 100
-    test_steps: int = 100
-    inner_lr: float = 0.01
-    second_order: bool = False
-    inner_loss: str = "mean"
-    inner_weight_decay: float = 0.0
-    normalize: bool = False
-    fc_init: str = "zeros"
-    bn_mode: str = "frozen"
-    reduction: str = "mean"
-
-
-@dataclass(frozen=True)
-class MetaConfig(MetaSettingsFields):
-    """Phase 2: SS meta-transfer with the FC base-learner.
-
-    Besides the learner settings of `MetaSettingsFields` (inner_steps .. reduction, checked as
-    `mtl_edge.train.meta_transfer.MetaSettings` when a run starts):
+    The driver's settings:
 
     Attributes:
         pretrained: the phase-1 checkpoint (the pipeline passes it directly).
@@ -171,6 +189,16 @@ class MetaConfig(MetaSettingsFields):
         val_episodes, val_shots: validation tasks on the validation classes after each epoch.
     """
 
+    inner_steps: int = 100
+    test_steps: int = 100
+    inner_lr: float = 0.01
+    second_order: bool = False
+    inner_loss: str = "mean"
+    inner_weight_decay: float = 0.0
+    normalize: bool = False
+    fc_init: str = "zeros"
+    bn_mode: str = "frozen"
+    reduction: str = "mean"
     pretrained: str = ""
     ways: int = 5
     shots: int = 1
@@ -189,21 +217,132 @@ class MetaConfig(MetaSettingsFields):
     val_episodes: int = 100
     val_shots: int = 0
 
+    def __post_init__(self) -> None:
+        positive = ["shots", "queries", "meta_batch", "iterations", "epoch_length", "lr_step"]
+        require_at_least("meta", self, ["inner_steps", "test_steps", "val_episodes"], 0)
+        require_at_least("meta", self, ["val_shots"], 0)
+        require_at_least("meta", self, positive, 1)
+        require_at_least("meta", self, ["ways"], 2)
+        require_positive("meta", self, ["inner_lr", "ss_lr", "fc_lr"])
+        require_one_of("meta", "inner_loss", self.inner_loss, HEAD_LOSSES)
+        require_one_of("meta", "fc_init", self.fc_init, FC_INITS)
+        require_one_of("meta", "bn_mode", self.bn_mode, BN_MODES)
+        require_one_of("meta", "reduction", self.reduction, REDUCTIONS)
 
-@dataclass
-class HardTasksConfig:
-    """`mtl_edge.train.hard_tasks.HardTaskConfig`: K' hard tasks after every
-    `every_n_batches` meta-batches from epoch `start_epoch`, on fresh images or not."""
+
+@dataclass(frozen=True)
+class HardTaskConfig:
+    """The hard-task meta-batch (`mtl_edge.train.hard_tasks`): K' = `count` hard tasks after
+    every `every_n_batches` meta-batches from epoch `start_epoch` (0-based; the early
+    meta-batches rank classes with a barely adapted SS, so their "failures" are mostly noise),
+    on fresh images of the failure classes or not. count = 0 disables HT."""
 
     count: int = 2
     start_epoch: int = 0
     every_n_batches: int = 1
     fresh_images: bool = True
 
+    def __post_init__(self) -> None:
+        require_at_least("hard_tasks", self, ["count", "start_epoch"], 0)
+        require_at_least("hard_tasks", self, ["every_n_batches"], 1)
+
+    def active(self, epoch: int, batch: int) -> bool:
+        """Whether hard tasks follow meta-batch `batch` (0-based) of epoch `epoch`."""
+        return (
+            self.count > 0 and epoch >= self.start_epoch and (batch + 1) % self.every_n_batches == 0
+        )
+
+
+@dataclass
+class JointConfig:
+    """The joint transfer + meta-learning method (Eshratifar et al.; `mtl_edge.train.joint`).
+
+    Attributes:
+        meta: "reptile" or "maml".
+        mix: "paper" (convex mix, beta weights the meta step) or "code" (steps averaged, beta
+            weights the transfer step).
+        beta: the mixing weight, in [0, 1].
+        ways: classes per training task.
+        shots: support images per class (Reptile trains on support + query together).
+        queries: query images per class (MAML's outer loss).
+        meta_batch: tasks per meta-iteration.
+        inner_steps: SGD steps per task (k).
+        inner_lr: inner SGD learning rate (alpha).
+        outer_lr: learning rate of the meta step (beta_outer).
+        transfer_lr: learning rate of the transfer step.
+        optimizer: "adam" (the paper) or "sgd" (the literal update formulas).
+        second_order: MAML differentiates through the inner loop.
+        head_init: how every task head starts (training inner loops and evaluation): "zero", or
+            "prototypes" (Proto-MAML, Triantafillou et al. 2020: row c = 2 * mean feature of
+            class c, bias -||mean||^2, i.e. the nearest-mean classifier under squared distance).
+        iterations: meta-iterations in all.
+        log_every: write a metrics line every this many iterations.
+        checkpoint_every: keep an intermediate checkpoint every this many (0: only the last).
+    """
+
+    meta: str = "reptile"
+    mix: str = "paper"
+    beta: float = 0.5
+    ways: int = 5
+    shots: int = 5
+    queries: int = 5
+    meta_batch: int = 5
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    outer_lr: float = 1e-3
+    transfer_lr: float = 1e-3
+    optimizer: str = "adam"
+    second_order: bool = False
+    head_init: str = "zero"
+    iterations: int = 1000
+    log_every: int = 50
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.beta <= 1.0, f"joint.beta={self.beta}: must be within [0, 1]")
+        require_one_of("joint", "meta", self.meta, META_KINDS)
+        require_one_of("joint", "mix", self.mix, MIX_KINDS)
+        require_one_of("joint", "optimizer", self.optimizer, OPTIMIZERS)
+        require_one_of("joint", "head_init", self.head_init, TASK_HEAD_INITS)
+        require_at_least("joint", self, ["ways", "shots", "meta_batch", "inner_steps"], 1)
+        require_at_least("joint", self, ["iterations", "log_every"], 1)
+        require_at_least("joint", self, ["checkpoint_every", "queries"], 0)
+        require_positive("joint", self, ["inner_lr", "outer_lr", "transfer_lr"])
+        require(
+            not (self.meta == "reptile" and self.head_init == "zero" and self.inner_steps < 2),
+            f"joint.inner_steps={self.inner_steps}: Reptile needs >= 2 (the task head starts "
+            "at zero, so the first step moves only the head and theta_i - theta would be 0)",
+        )
+        require(
+            not (self.meta == "maml" and self.queries < 1),
+            f"joint.queries={self.queries}: MAML needs >= 1 query per class",
+        )
+
+    @property
+    def uses_meta(self) -> bool:
+        """Whether the meta step is computed (its weight is not 0)."""
+        return not (self.mix == "paper" and self.beta == 0.0)
+
+    @property
+    def uses_transfer(self) -> bool:
+        """Whether the transfer step is computed (its weight is not 0)."""
+        return self.beta != (1.0 if self.mix == "paper" else 0.0)
+
+    @property
+    def method(self) -> str:
+        """Short name: "reptile", "maml", "transfer", "reptile+transfer", "maml+transfer"."""
+        if not self.uses_meta:
+            return "transfer"
+        return self.meta + ("+transfer" if self.uses_transfer else "")
+
 
 @dataclass
 class EvalConfig:
-    """Defaults of `mtl-edge train evaluate` (meta-test)."""
+    """The meta-test protocol (`mtl-edge train evaluate`, the pipeline's metatest stage):
+    `episodes` seeded episodes of `ways` classes per shot count, `queries` per class, every
+    head on the same episodes; the fine-tune-everything head ("finetune") on the first
+    `ft_episodes` of them (each is a fine-tuning run of the whole backbone: `ft_steps` SGD
+    steps at `ft_lr`, `mtl_edge.train.finetune.FinetuneHead`)."""
 
     ways: int = 5
     shots: tuple[int, ...] = (1, 5)
@@ -211,6 +350,59 @@ class EvalConfig:
     episodes: int = 600
     heads: tuple[str, ...] = ("mtl", "centroid", "logreg")
     seed: int = 0
+    ft_episodes: int = 200
+    ft_steps: int = 100
+    ft_lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        require_at_least("eval", self, ["ways"], 2)
+        require_at_least("eval", self, ["queries", "episodes", "ft_episodes"], 1)
+        require_at_least("eval", self, ["ft_steps"], 0)
+        require_positive("eval", self, ["ft_lr"])
+        require(
+            bool(self.shots) and min(self.shots) >= 1,
+            f"eval.shots={list(self.shots)}: use shot counts >= 1",
+        )
+        unknown = [h for h in self.heads if h not in EVAL_HEADS and h not in ("fc", "ft")]
+        require(not unknown, f"eval.heads: {unknown} unknown; use some of {', '.join(EVAL_HEADS)}")
+
+
+@dataclass
+class ExportConfig:
+    """What the pipeline's export stage (and the demo) writes besides the FP32 backbone;
+    the fields of `mtl_edge.export.api.ExportOptions` a recipe may set."""
+
+    int8: bool = True
+    fp16: bool = False
+    calib_images: int = 300
+    parity_episodes: int = 200
+    quant_episodes: int = 600
+    eval_per_class: int = 30
+
+    def __post_init__(self) -> None:
+        require_at_least("export", self, ["calib_images", "parity_episodes", "quant_episodes"], 1)
+        require_at_least("export", self, ["eval_per_class"], 1)
+
+
+@dataclass
+class PipelineConfig:
+    """The pipeline's own settings (`mtl_edge.workflows.pipeline`).
+
+    Attributes:
+        with_and_without_ht: also meta-test the meta-model trained without HT when the meta
+            stage trained both.
+        bench_precisions: the bundle variants the bench stage compares (fp32 first).
+        bench_episodes: episodes of the bench stage (0: eval.episodes).
+        flops_reference: measure a dense matrix rate for the FLOP/s report.
+    """
+
+    with_and_without_ht: bool = True
+    bench_precisions: tuple[str, ...] = ("fp32", "int8-cpu")
+    bench_episodes: int = 0
+    flops_reference: bool = True
+
+    def __post_init__(self) -> None:
+        require_at_least("pipeline", self, ["bench_episodes"], 0)
 
 
 @dataclass
@@ -218,11 +410,9 @@ class RuntimeConfig:
     """Where and how it runs.
 
     Attributes:
-        seed: seeds torch, numpy and the samplers.
+        seed: seeds torch, numpy and the samplers; threads: torch CPU threads (0: default).
         device: "auto" (CUDA when present), "cpu" or "cuda[:i]".
-        amp: "none", "bf16" or "fp16" autocast (CUDA only; ignored on the CPU).
-        channels_last: channels-last memory format (CUDA only).
-        threads: torch CPU threads (0 = torch's default).
+        amp, channels_last: "none", "bf16" or "fp16" autocast and channels-last (CUDA only).
         progress: rich progress bars ("auto" = only on a TTY, "on", "off").
     """
 
@@ -233,22 +423,36 @@ class RuntimeConfig:
     threads: int = 0
     progress: str = "auto"
 
+    def __post_init__(self) -> None:
+        require_one_of("runtime", "amp", self.amp, ("none", "bf16", "fp16"))
+        require_one_of("runtime", "progress", self.progress, ("auto", "on", "off"))
+        require_at_least("runtime", self, ["threads"], 0)
+
 
 @dataclass
-class TrainConfig:
-    """A training recipe: the tables of a recipes/*.toml file."""
+class Recipe:
+    """A whole recipe: the tables of a recipes/*.toml file."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
-    hard_tasks: HardTasksConfig = field(default_factory=HardTasksConfig)
+    hard_tasks: HardTaskConfig = field(default_factory=HardTaskConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Generic loading
+def recipes_dir() -> Path:
+    """The packaged recipes (`mtl_edge.recipes`, the source tree's recipes/ folder)."""
+    return Path(str(resources.files("mtl_edge.recipes")))
+
+
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped in mtl_edge.recipes."""
+    return sorted(p.name[:-5] for p in recipes_dir().glob("*.toml"))
 
 
 def recipe_path(path_or_name: str | Path) -> Path:
@@ -261,235 +465,34 @@ def recipe_path(path_or_name: str | Path) -> Path:
     if path.is_file():
         return path
     name = path.name if path.suffix == ".toml" else f"{path.name}.toml"
-    if path.parent == Path("."):
-        packaged = recipes_dir() / name
-        if packaged.is_file():
-            return packaged
+    if path.parent == Path(".") and (recipes_dir() / name).is_file():
+        return recipes_dir() / name
     raise ConfigError(
         f"recipe {str(path_or_name)!r}: no such file or packaged recipe; pass a TOML path or one "
         f"of: {', '.join(packaged_recipes())}"
     )
 
 
-def recipes_dir() -> Path:
-    """The packaged recipes: mtl_edge.recipes when installed, else the source tree's recipes/."""
-    try:
-        return Path(str(resources.files("mtl_edge.recipes")))
-    except ModuleNotFoundError:  # an editable install that predates the recipes package
-        return Path(__file__).resolve().parent.parent / "recipes"
+def recipe_source(path_or_name: str | Path | None, overrides: Sequence[str] = ()) -> str:
+    """How messages and run records name a recipe: its file and the --set overrides."""
+    source = str(recipe_path(path_or_name)) if path_or_name is not None else "defaults"
+    return source + "".join(f" --set {o}" for o in overrides)
 
 
-def packaged_recipes() -> list[str]:
-    """Names of the recipes shipped in mtl_edge.recipes."""
-    return sorted(p.name[:-5] for p in recipes_dir().glob("*.toml"))
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """The parsed TOML file. Raises ConfigError on bad TOML or an unreadable file."""
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """ "a.b=value" -> (["a", "b"], value); the value is TOML ("1e-3", "true", "[1, 5]",
-    "'x'") or, when it does not parse as TOML, the plain string."""
-    key, sep, text = item.partition("=")
-    keys = [k.strip() for k in key.strip().split(".")]
-    if not sep or not all(keys):
-        raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set pretrain.epochs=2")
-    try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
-    return keys, value
-
-
-def apply_overrides(doc: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """`doc` with every "a.b=value" set (tables created as needed); `doc` is not changed."""
-    out = _deep_copy(doc)
-    for item in overrides:
-        keys, value = parse_override(item)
-        table = out
-        for k in keys[:-1]:
-            nxt = table.setdefault(k, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {k!r} is a value, not a table")
-            table = nxt
-        table[keys[-1]] = value
-    return out
-
-
-def _deep_copy(doc: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in doc.items()}
-
-
-def load_config(
-    cls: type[T], path_or_name: str | Path | None = None, overrides: Sequence[str] = ()
-) -> T:
-    """An instance of dataclass `cls` from a TOML recipe (or the defaults when None) and
-    "key.sub=value" overrides.
+def load_recipe(path_or_name: str | Path | None = None, overrides: Sequence[str] = ()) -> Recipe:
+    """The `Recipe` of a TOML file or packaged recipe (defaults when None), with "key.sub=value"
+    overrides applied.
 
     Raises:
-        ConfigError: missing recipe, bad TOML, unknown key, wrong type (naming key and file).
+        ConfigError: missing recipe, bad TOML, unknown key, wrong type or unusable value (one
+            line naming the key and the file).
     """
-    if path_or_name is None:
-        path, doc = None, {}
-    else:
-        path = recipe_path(path_or_name)
-        doc = read_toml(path)
-    source = str(path) if path is not None else "defaults"
-    if overrides:
-        source += " with --set " + " ".join(overrides)
-    return from_dict(cls, apply_overrides(doc, overrides), source)
+    doc = {} if path_or_name is None else read_toml(recipe_path(path_or_name))
+    return from_dict(
+        Recipe, apply_overrides(doc, overrides), recipe_source(path_or_name, overrides)
+    )
 
 
-def from_dict(cls: type[T], doc: Mapping[str, Any], source: str = "config") -> T:
-    """An instance of dataclass `cls` from nested plain data (TOML tables), checked.
-
-    Raises:
-        ConfigError: unknown key or wrong type, naming the dotted key and `source`.
-    """
-    if isinstance(doc, cls):
-        return doc
-    if not isinstance(doc, Mapping):
-        raise ConfigError(f"{source}: expected a table for {cls.__name__}")
-    return _build(cls, doc, "", source)
-
-
-def _build(cls: type[T], doc: Mapping[str, Any], prefix: str, source: str) -> T:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(doc) - set(known))
-    if unknown:
-        where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-        raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]} in {where}; known: {', '.join(known)}"
-        )
-    values = {name: _convert(hints[name], doc[name], prefix + name, source) for name in doc}
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
-    """`value` checked against annotation `tp` (ints widen to float, lists to tuples)."""
-
-    def wrong() -> ConfigError:
-        return ConfigError(
-            f"{source}: {key} = {value!r} has the wrong type; expected {_type_name(tp)}"
-        )
-
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise wrong()
-        return _build(tp, value, key + ".", source)  # type: ignore[arg-type]
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, key, source)
-            except ConfigError:
-                continue
-        raise wrong()
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise wrong()
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        elif origin is tuple:
-            if len(args) != len(value):
-                raise wrong()
-            items = [
-                _convert(a, v, f"{key}[{i}]", source)
-                for i, (a, v) in enumerate(zip(args, value, strict=True))
-            ]
-        else:
-            item_tp = args[0] if args else Any
-            items = [_convert(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise wrong()
-        return _deep_copy(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong()
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise wrong()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise wrong()
-        return value
-    raise ConfigError(f"{source}: {key}: unsupported config type {_type_name(tp)}")
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A dataclass config as plain nested data (tuples become lists), TOML/JSON-able
-    (None values are left out, TOML has no null)."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v) and not isinstance(v, type):
-            return {
-                f.name: plain(getattr(v, f.name))
-                for f in dataclasses.fields(v)
-                if getattr(v, f.name) is not None
-            }
-        if isinstance(v, Mapping):
-            return {str(k): plain(x) for k, x in v.items() if x is not None}
-        if isinstance(v, list | tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(config)
-
-
-def to_toml(doc: Mapping[str, Any]) -> str:
-    """Plain nested data as TOML text (tables for mappings; values as TOML literals)."""
-    lines: list[str] = []
-
-    def literal(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(literal(x) for x in v) + "]"
-        if isinstance(v, Mapping):
-            return "{ " + ", ".join(f"{_key(k)} = {literal(x)}" for k, x in v.items()) + " }"
-        raise ConfigError(f"cannot write {v!r} as TOML")
-
-    # top-level mappings are [tables]; mappings inside them are inline tables
-    for k, v in doc.items():
-        if not isinstance(v, Mapping):
-            lines.append(f"{_key(k)} = {literal(v)}")
-    for k, v in doc.items():
-        if isinstance(v, Mapping):
-            lines += ["", f"[{_key(k)}]"] + [f"{_key(a)} = {literal(x)}" for a, x in v.items()]
-    return "\n".join(lines).strip() + "\n"
-
-
-def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'
+def as_recipe(recipe: Recipe | dict[str, Any], source: str = "recipe") -> Recipe:
+    """A `Recipe` from itself or from plain recipe tables (e.g. a checkpoint's "config")."""
+    return from_dict(Recipe, recipe, source)

@@ -1,7 +1,7 @@
 """A device-resident dataset: a split decoded once into a uint8 tensor, augmented on the device.
 
 On a GPU the data loader must never be the bottleneck (issue 9): instead of decoding JPEGs per
-step, `DeviceDataset.from_split` decodes the split once (`mtl_edge.train.datasets.decode_split`,
+step, `DeviceDataset.from_split` decodes the split once (`mtl_edge.data.decode.decoded_images`,
 shorter side resized to the stored size and center-cropped), keeps it as a uint8 tensor of shape
 (N, C, H, W) on the device (CUDA when present, else CPU), and makes batches with torch ops there:
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtl_edge.atomicio import atomic_write
+from mtl_edge.data.decode import decoded_images
 from mtl_edge.data.episodes import Episode
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError
@@ -76,29 +76,6 @@ def default_device() -> torch.device:
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A generator on `device` seeded with `seed` (random ops need one on their own device)."""
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
-
-
-def _decoded(
-    split: ImageSplit,
-    size: int,
-    workers: int | None,
-    progress: bool | None,
-    cache_dir: str | Path | None,
-) -> np.ndarray:
-    """`decode_split(split, size)`, through a .npy file in `cache_dir` when given."""
-    from mtl_edge.train.datasets import decode_split
-
-    if cache_dir is None:
-        return decode_split(split, size=size, workers=workers, progress=progress)
-    path = Path(cache_dir) / f"{split.fingerprint()[:16]}-{size}-{split.color_mode}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, mmap_mode=None, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            log.warning("%s: unreadable decode cache (%s); decoding again", path, e)
-    array = decode_split(split, size=size, workers=workers, progress=progress)
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
-    return array
 
 
 def _uniform(
@@ -189,7 +166,7 @@ class DeviceDataset:
             shape = (len(split), preprocess.channels, stored, stored)
             images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
         else:
-            array = _decoded(split, stored, workers, progress, cache_dir)
+            array = decoded_images(split, stored, cache_dir, workers, progress)
             if array.ndim == 3:
                 array = array[:, :, :, None]
             images = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))

@@ -21,20 +21,21 @@ Decisions the papers leave open, made here:
 - Fresh images: drawn from the class's images not used by the meta-batch; when fewer than
   shots + queries remain (Omniglot: 20 images, 16 used by a 1-shot 15-query task), all the
   unused ones are taken and the rest is filled with used ones, shuffled together (counted as
-  `reused`).
+  `reused`). The hard tasks are drawn by the training episode sampler itself
+  (`mtl_edge.data.episodes.EpisodeSampler.hard_episode`, a stream of its own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtl_edge.data.episodes import Episode
-from mtl_edge.errors import ConfigError
+from mtl_edge.data.episodes import Episode, EpisodeSampler
+from mtl_edge.train.config import HardTaskConfig
 
 
 def per_class_accuracy(query_logits: torch.Tensor, query_y: torch.Tensor, ways: int) -> np.ndarray:
@@ -75,141 +76,22 @@ def failure_class(query_logits: torch.Tensor, query_y: torch.Tensor, classes: Se
     return class_ranking(acc, classes)[0]
 
 
-@dataclass(frozen=True)
-class HardTaskConfig:
-    """When and how hard tasks are drawn.
-
-    Attributes:
-        count: K', hard tasks per HT event (0 disables HT).
-        start_epoch: first epoch (0-based) in which hard tasks are drawn; the early meta-batches
-            rank classes with a barely adapted SS, so their "failures" are mostly noise.
-        every_n_batches: draw after every n-th meta-batch of an epoch.
-        fresh_images: use images the meta-batch did not use (True) or any images of the classes.
-    """
-
-    count: int = 2
-    start_epoch: int = 0
-    every_n_batches: int = 1
-    fresh_images: bool = True
-
-    def __post_init__(self) -> None:
-        if self.count < 0 or self.start_epoch < 0 or self.every_n_batches < 1:
-            raise ConfigError(
-                f"hard tasks: count={self.count}, start_epoch={self.start_epoch}, "
-                f"every_n_batches={self.every_n_batches}: need count >= 0, start_epoch >= 0, "
-                "every_n_batches >= 1"
-            )
-
-    def active(self, epoch: int, batch: int) -> bool:
-        """Whether hard tasks follow meta-batch `batch` (0-based) of epoch `epoch`."""
-        return (
-            self.count > 0 and epoch >= self.start_epoch and (batch + 1) % self.every_n_batches == 0
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class HardTaskSampler:
-    """Draws hard tasks from failure classes.
-
-    Args:
-        indices_by_class: for each split class id, its sample indices.
-        ways, shots, queries: N, K, Q of the hard tasks.
-        seed: the sampler's generator seed (a stream: hard task sets depend on call order).
-        fresh_images: avoid the `used` indices passed to `sample` when enough images remain.
-    """
-
-    def __init__(
-        self,
-        indices_by_class: Sequence[np.ndarray],
-        ways: int,
-        shots: int,
-        queries: int,
-        seed: int = 0,
-        fresh_images: bool = True,
-    ) -> None:
-        if ways < 2 or shots < 1 or queries < 1:
-            raise ConfigError(f"hard tasks: ways={ways}, shots={shots}, queries={queries} invalid")
-        self.indices_by_class = [np.asarray(i, dtype=np.int64) for i in indices_by_class]
-        self.ways, self.shots, self.queries = ways, shots, queries
-        self.fresh_images = fresh_images
-        self.rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4854]))
-        self.skipped = 0
-        self.reused = 0
-
-    def pool(
-        self, failure_classes: Sequence[int], rankings: Sequence[Sequence[int]] | None = None
-    ) -> list[int]:
-        """Distinct failure classes (first-seen order), topped up from `rankings` (per task,
-        worst to best) rank by rank until it holds `ways` classes."""
-        pool = list(dict.fromkeys(int(c) for c in failure_classes))
-        depth = max((len(r) for r in rankings), default=0) if rankings else 0
-        for rank in range(1, depth):
-            if len(pool) >= self.ways:
-                break
-            for ranking in rankings or ():
-                if rank < len(ranking) and int(ranking[rank]) not in pool:
-                    pool.append(int(ranking[rank]))
-                    if len(pool) >= self.ways:
-                        break
-        return pool
-
-    def sample(
-        self,
-        failure_classes: Sequence[int],
-        count: int,
-        used: Iterable[int] | None = None,
-        rankings: Sequence[Sequence[int]] | None = None,
-    ) -> list[Episode]:
-        """K' = `count` hard episodes whose classes all come from the (topped-up) pool.
-
-        Args:
-            failure_classes: split class ids, one per task of the meta-batch.
-            used: sample indices the meta-batch used (avoided when `fresh_images`).
-            rankings: per task, its split class ids worst to best (for topping up).
-
-        Returns:
-            The episodes; [] when the pool has fewer than `ways` classes (counted in `skipped`).
-        """
-        pool = self.pool(failure_classes, rankings)
-        if len(pool) < self.ways:
-            self.skipped += 1
-            return []
-        used_arr = (
-            np.unique(np.fromiter(used, dtype=np.int64))
-            if used is not None and self.fresh_images
-            else np.zeros(0, dtype=np.int64)
-        )
-        need = self.shots + self.queries
-        episodes = []
-        for _ in range(count):
-            classes = self.rng.choice(np.asarray(pool, dtype=np.int64), self.ways, replace=False)
-            picks = [self._pick(int(c), need, used_arr) for c in classes]
-            episodes.append(
-                Episode(
-                    classes=classes.astype(np.int64),
-                    support=np.concatenate([p[: self.shots] for p in picks]),
-                    query=np.concatenate([p[self.shots :] for p in picks]),
-                )
-            )
-        return episodes
-
-    def _pick(self, c: int, need: int, used: np.ndarray) -> np.ndarray:
-        """`need` distinct sample indices of class `c`, unused ones first (shuffled)."""
-        candidates = self.indices_by_class[c]
-        if len(candidates) < need:
-            raise ConfigError(
-                f"hard tasks: class {c} has {len(candidates)} images, fewer than "
-                f"shots + queries = {need}"
-            )
-        is_used = np.isin(candidates, used)
-        fresh = candidates[~is_used]
-        if len(fresh) >= need:
-            return self.rng.choice(fresh, need, replace=False)
-        self.reused += 1
-        extra = self.rng.choice(candidates[is_used], need - len(fresh), replace=False)
-        return self.rng.permutation(np.concatenate([fresh, extra]))
+def hard_pool(
+    failure_classes: Sequence[int], rankings: Sequence[Sequence[int]] | None, ways: int
+) -> list[int]:
+    """Distinct failure classes (first-seen order), topped up from `rankings` (per task, worst
+    to best) rank by rank until the pool holds `ways` classes (see the module docstring)."""
+    pool = list(dict.fromkeys(int(c) for c in failure_classes))
+    depth = max((len(r) for r in rankings), default=0) if rankings else 0
+    for rank in range(1, depth):
+        if len(pool) >= ways:
+            break
+        for ranking in rankings or ():
+            if rank < len(ranking) and int(ranking[rank]) not in pool:
+                pool.append(int(ranking[rank]))
+                if len(pool) >= ways:
+                    break
+    return pool
 
 
 @dataclass
@@ -252,9 +134,8 @@ class HardTaskMiner:
             miner.record(learner.meta_step([builder(e, is_hard=True) for e in hard], opt).tasks)
     """
 
-    def __init__(self, sampler: HardTaskSampler, config: HardTaskConfig) -> None:
+    def __init__(self, sampler: EpisodeSampler, config: HardTaskConfig) -> None:
         self.sampler, self.config = sampler, config
-        self.sampler.fresh_images = config.fresh_images
         self.stats = HardTaskStats()
 
     def after_batch(
@@ -272,16 +153,18 @@ class HardTaskMiner:
         ordinary = [s for s in task_stats if not s.is_hard]
         rankings = [class_ranking(s.class_accuracy, s.classes) for s in ordinary]
         failures = [r[0] for r in rankings]
-        used: list[int] = []
-        for t in tasks:
-            if getattr(t, "indices", None) is not None:
-                used += [int(i) for i in t.indices]
-        skipped, reused = self.sampler.skipped, self.sampler.reused
-        episodes = self.sampler.sample(failures, self.config.count, used, rankings)
-        self.stats.skipped += self.sampler.skipped - skipped
+        pool = hard_pool(failures, rankings, self.sampler.ways)
+        if len(pool) < self.sampler.ways:
+            self.stats.skipped += 1
+            return []
+        used = [t.indices for t in tasks if getattr(t, "indices", None) is not None]
+        avoid = np.concatenate(used) if used and self.config.fresh_images else None
+        reused = self.sampler.reused
+        first = self.stats.events * self.config.count  # hard episodes drawn so far (resumable)
+        indices = range(first, first + self.config.count)
+        episodes = [self.sampler.hard_episode(i, pool, avoid) for i in indices]
         self.stats.reused += self.sampler.reused - reused
-        if episodes:
-            self.stats.events += 1
+        self.stats.events += 1
         return episodes
 
     def record(self, task_stats: Sequence[Any]) -> None:

@@ -25,8 +25,7 @@ running averages (non-transductive, the same numbers the exported, BN-folded bun
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import numpy as np
@@ -35,172 +34,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mtl_edge.errors import ConfigError, DatasetError
-
-META_KINDS = ("reptile", "maml")
-MIX_KINDS = ("paper", "code")
-OPTIMIZERS = ("adam", "sgd")
-HEAD_INITS = ("zero", "prototypes")
+from mtl_edge.data.episodes import Episode
+from mtl_edge.errors import ConfigError
+from mtl_edge.train.config import JointConfig
 
 
-@dataclass
-class JointConfig:
-    """Options of the joint learner (the `[joint]` table of a recipe).
-
-    Attributes:
-        meta: "reptile" or "maml".
-        mix: "paper" (convex mix, beta weights the meta step) or "code" (steps averaged, beta
-            weights the transfer step).
-        beta: the mixing weight, in [0, 1].
-        ways: classes per training task.
-        shots: support images per class (Reptile trains on support + query together).
-        queries: query images per class (MAML's outer loss).
-        meta_batch: tasks per meta-iteration.
-        inner_steps: SGD steps per task (k).
-        inner_lr: inner SGD learning rate (alpha).
-        outer_lr: learning rate of the meta step (beta_outer).
-        transfer_lr: learning rate of the transfer step.
-        optimizer: "adam" (the paper) or "sgd" (the literal update formulas).
-        second_order: MAML differentiates through the inner loop.
-        head_init: how every task head starts (training inner loops and evaluation): "zero", or
-            "prototypes" (Proto-MAML, Triantafillou et al. 2020: row c = 2 * mean feature of
-            class c, bias -||mean||^2, i.e. the nearest-mean classifier under squared distance).
-    """
-
-    meta: str = "reptile"
-    mix: str = "paper"
-    beta: float = 0.5
-    ways: int = 5
-    shots: int = 5
-    queries: int = 5
-    meta_batch: int = 5
-    inner_steps: int = 5
-    inner_lr: float = 0.01
-    outer_lr: float = 1e-3
-    transfer_lr: float = 1e-3
-    optimizer: str = "adam"
-    second_order: bool = False
-    head_init: str = "zero"
-
-    def validate(self) -> None:
-        """Raises ConfigError naming the first bad option."""
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"joint.beta={self.beta}: must be within [0, 1]")
-        if self.meta not in META_KINDS:
-            raise ConfigError(f"joint.meta={self.meta!r}: use one of {', '.join(META_KINDS)}")
-        if self.mix not in MIX_KINDS:
-            raise ConfigError(f"joint.mix={self.mix!r}: use one of {', '.join(MIX_KINDS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"joint.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
-            )
-        for key in ("ways", "shots", "meta_batch", "inner_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"joint.{key}={getattr(self, key)}: must be >= 1")
-        if self.head_init not in HEAD_INITS:
-            raise ConfigError(
-                f"joint.head_init={self.head_init!r}: use one of {', '.join(HEAD_INITS)}"
-            )
-        if self.meta == "reptile" and self.head_init == "zero" and self.inner_steps < 2:
-            raise ConfigError(
-                f"joint.inner_steps={self.inner_steps}: Reptile needs >= 2 (the task head starts "
-                "at zero, so the first step moves only the head and theta_i - theta would be 0)"
-            )
-        if self.meta == "maml" and self.queries < 1:
-            raise ConfigError(f"joint.queries={self.queries}: MAML needs >= 1 query per class")
-        for key in ("inner_lr", "outer_lr", "transfer_lr"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"joint.{key}={getattr(self, key)}: must be > 0")
-
-    @property
-    def uses_meta(self) -> bool:
-        """Whether the meta step is computed (its weight is not 0)."""
-        return not (self.mix == "paper" and self.beta == 0.0)
-
-    @property
-    def uses_transfer(self) -> bool:
-        """Whether the transfer step is computed (its weight is not 0)."""
-        return self.beta != (1.0 if self.mix == "paper" else 0.0)
-
-    @property
-    def method(self) -> str:
-        """Short name: "reptile", "maml", "transfer", "reptile+transfer", "maml+transfer"."""
-        if not self.uses_meta:
-            return "transfer"
-        return self.meta + ("+transfer" if self.uses_transfer else "")
+def support_labels(episode: Episode) -> torch.Tensor:
+    """Episode labels 0..ways-1 of the support set, shape (ways * shots,)."""
+    return torch.from_numpy(episode.support_labels())
 
 
-@dataclass
-class Task:
-    """One training task: image indices into the image tensor and two label sets.
-
-    Attributes:
-        support: indices of shape (ways * shots,), class-major.
-        query: indices of shape (ways * queries,), class-major (may be empty).
-        classes: base-class ids of shape (ways,); local label c is base class classes[c].
-    """
-
-    support: np.ndarray
-    query: np.ndarray
-    classes: np.ndarray
-
-    def local_labels(self, part: str) -> torch.Tensor:
-        """Labels 0..ways-1 of shape (len(part),) for "support" or "query"."""
-        n = len(getattr(self, part)) // len(self.classes)
-        return torch.arange(len(self.classes)).repeat_interleave(n)
-
-    def all_indices(self) -> np.ndarray:
-        """Support then query indices, shape (ways * (shots + queries),)."""
-        return np.concatenate([self.support, self.query])
-
-    def all_base_labels(self) -> torch.Tensor:
-        """Base-class labels of `all_indices()`, shape (ways * (shots + queries),)."""
-        s = len(self.support) // len(self.classes)
-        q = len(self.query) // len(self.classes)
-        cls = torch.as_tensor(self.classes)
-        return torch.cat([cls.repeat_interleave(s), cls.repeat_interleave(q)])
+def query_labels(episode: Episode) -> torch.Tensor:
+    """Episode labels 0..ways-1 of the query set, shape (ways * queries,)."""
+    return torch.from_numpy(episode.query_labels())
 
 
-class TaskSampler:
-    """Seeded N-way tasks over the classes of a labelled image set.
+def all_indices(episode: Episode) -> np.ndarray:
+    """Support then query sample indices, shape (ways * (shots + queries),)."""
+    return np.concatenate([episode.support, episode.query])
 
-    Args:
-        labels: base-class id of every image, shape (N,).
-        ways, shots, queries: per task.
-        seed: the sampler's stream.
 
-    Raises:
-        DatasetError: fewer classes than ways, or a class with fewer images than shots + queries.
-    """
+def all_labels(episode: Episode) -> torch.Tensor:
+    """Episode labels of `all_indices(episode)` (support block then query block), shape (n,)."""
+    return torch.cat([support_labels(episode), query_labels(episode)])
 
-    def __init__(self, labels: np.ndarray, ways: int, shots: int, queries: int, seed: int) -> None:
-        self.by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
-        if len(self.by_class) < ways:
-            raise DatasetError(
-                f"training split has {len(self.by_class)} classes; joint.ways={ways} needs more"
-            )
-        small = min(len(ix) for ix in self.by_class)
-        if small < shots + queries:
-            raise DatasetError(
-                f"training split has a class with {small} images; joint.shots + joint.queries = "
-                f"{shots + queries} needs more"
-            )
-        self.ways, self.shots, self.queries = ways, shots, queries
-        self.rng = np.random.default_rng(seed)
 
-    def task(self) -> Task:
-        """The next task."""
-        classes = self.rng.choice(len(self.by_class), self.ways, replace=False)
-        sup, qry = [], []
-        for c in classes:
-            pick = self.rng.choice(self.by_class[c], self.shots + self.queries, replace=False)
-            sup.append(pick[: self.shots])
-            qry.append(pick[self.shots :])
-        return Task(np.concatenate(sup), np.concatenate(qry), classes)
-
-    def __iter__(self) -> Iterator[Task]:
-        while True:
-            yield self.task()
+def all_base_labels(episode: Episode) -> torch.Tensor:
+    """Base-class ids of `all_indices(episode)`, shape (ways * (shots + queries),)."""
+    return torch.from_numpy(np.asarray(episode.classes)[all_labels(episode).numpy()])
 
 
 Params = dict[str, torch.Tensor]
@@ -329,15 +190,15 @@ def inner_adapt(
 
 
 def reptile_gradient(
-    backbone: nn.Module, images: ImageFn, tasks: Sequence[Task], cfg: JointConfig
+    backbone: nn.Module, images: ImageFn, tasks: Sequence[Episode], cfg: JointConfig
 ) -> Params:
     """Reptile's pseudo-gradient sum_i (theta - theta_i), so theta - lr * g = theta + lr * sum_i
     (theta_i - theta); each theta_i after `cfg.inner_steps` steps on the task's support + query."""
     theta = backbone_params(backbone)
     total = {k: torch.zeros_like(v) for k, v in theta.items()}
     for t in tasks:
-        idx = t.all_indices()
-        y = _class_major_labels(t)
+        idx = all_indices(t)
+        y = all_labels(t)
         fast, _ = inner_adapt(
             backbone,
             theta,
@@ -353,13 +214,8 @@ def reptile_gradient(
     return total
 
 
-def _class_major_labels(t: Task) -> torch.Tensor:
-    """Local labels of `t.all_indices()` (support block then query block), shape (n,)."""
-    return torch.cat([t.local_labels("support"), t.local_labels("query")])
-
-
 def maml_gradient(
-    backbone: nn.Module, images: ImageFn, tasks: Sequence[Task], cfg: JointConfig
+    backbone: nn.Module, images: ImageFn, tasks: Sequence[Episode], cfg: JointConfig
 ) -> Params:
     """MAML's meta-gradient sum_i d L_query(theta_i) / d theta; first order (the gradient at
     theta_i) unless `cfg.second_order`.
@@ -374,7 +230,7 @@ def maml_gradient(
     through_init = not cfg.second_order and cfg.head_init == "prototypes"
     for t in tasks:
         x_support, ways = images(t.support), len(t.classes)
-        y_support = t.local_labels("support").to(x_support.device)
+        y_support = support_labels(t).to(x_support.device)
         start = None
         if through_init:
             feats = functional_call(backbone, theta, (x_support,), strict=False)
@@ -397,7 +253,7 @@ def maml_gradient(
                 start[0] + (head[0] - start[0]).detach(),
                 start[1] + (head[1] - start[1]).detach(),
             )
-        y_query = t.local_labels("query").to(x_support.device)
+        y_query = query_labels(t).to(x_support.device)
         loss = F.cross_entropy(task_logits(backbone, fast, head, images(t.query)), y_query)
         wrt = [theta[k] for k in names] if cfg.second_order else [fast[k] for k in names]
         if through_init:
@@ -410,15 +266,15 @@ def maml_gradient(
 
 
 def transfer_gradient(
-    backbone: nn.Module, transfer_head: nn.Linear, images: ImageFn, tasks: Sequence[Task]
+    backbone: nn.Module, transfer_head: nn.Linear, images: ImageFn, tasks: Sequence[Episode]
 ) -> tuple[Params, list[torch.Tensor]]:
     """Gradient of ordinary base-class cross-entropy on every image of `tasks`.
 
     Returns:
         (gradients of the backbone parameters by name, gradients of [head weight, head bias]).
     """
-    idx = np.concatenate([t.all_indices() for t in tasks])
-    labels = torch.cat([t.all_base_labels() for t in tasks])
+    idx = np.concatenate([all_indices(t) for t in tasks])
+    labels = torch.cat([all_base_labels(t) for t in tasks])
     theta = backbone_params(backbone)
     names = list(theta)
     x = images(idx)
@@ -442,7 +298,6 @@ class JointLearner:
     """
 
     def __init__(self, backbone: nn.Module, num_base_classes: int, cfg: JointConfig) -> None:
-        cfg.validate()
         if num_base_classes < 2:
             raise ConfigError(f"transfer head needs >= 2 base classes, got {num_base_classes}")
         self.cfg = cfg
@@ -455,15 +310,7 @@ class JointLearner:
             cfg.optimizer, params + list(self.transfer_head.parameters()), cfg.transfer_lr
         )
 
-    def check_labels(self, num_classes: int) -> None:
-        """Raises DatasetError when the training split's classes do not match the head."""
-        if num_classes != self.transfer_head.out_features:
-            raise DatasetError(
-                f"transfer head has {self.transfer_head.out_features} outputs but the training "
-                f"split has {num_classes} base classes; set model.num_base_classes={num_classes}"
-            )
-
-    def step(self, images: ImageFn, tasks: Sequence[Task]) -> dict[str, float]:
+    def step(self, images: ImageFn, tasks: Sequence[Episode]) -> dict[str, float]:
         """One meta-iteration on `tasks`; `images(idx)` gives float images (len(idx), C, H, W).
 
         Returns:

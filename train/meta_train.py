@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +28,26 @@ import torch
 from mtl_edge.data.episodes import EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError
+from mtl_edge.fewshot.evaluate import evaluate_episodes
+from mtl_edge.fewshot.heads import feature_head
 from mtl_edge.preprocess import Preprocess
+from mtl_edge.settings import config_to_dict
 from mtl_edge.train.checkpoint import (
     CheckpointError,
+    meta_head_recipe,
     read_checkpoint,
     save_checkpoint,
+    split_entry,
 )
-from mtl_edge.train.config import TrainConfig, config_to_dict
+from mtl_edge.train.config import Recipe, as_recipe
 from mtl_edge.train.gpu_data import DeviceDataset, make_generator
-from mtl_edge.train.hard_tasks import HardTaskConfig, HardTaskMiner, HardTaskSampler, HardTaskStats
+from mtl_edge.train.hard_tasks import HardTaskMiner, HardTaskStats
 from mtl_edge.train.meta_transfer import (
-    MetaSettings,
     MetaTransferLearner,
     TaskBuilder,
     learner_from_parts,
 )
-from mtl_edge.train.pretrain import as_config, features_of
+from mtl_edge.train.pretrain import features_of
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import (
     describe,
@@ -52,6 +55,7 @@ from mtl_edge.train.torchdata import (
     load_split,
     make_augment,
     open_recipe_split,
+    open_train_split,
     progress_bar,
     resolve_device,
     show_progress,
@@ -62,27 +66,7 @@ log = logging.getLogger(__name__)
 WITHOUT_HT = "without_ht"
 
 
-def meta_settings(cfg: TrainConfig) -> MetaSettings:
-    """The learner settings of the recipe's [meta] table."""
-    names = {f.name for f in fields(MetaSettings)}
-    try:
-        return MetaSettings(**{k: getattr(cfg.meta, k) for k in names})
-    except ConfigError as e:
-        raise ConfigError(f"[meta]: {e}") from None
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Raise ConfigError for values no run can use."""
-    m = cfg.meta
-    if m.ways < 2 or m.shots < 1 or m.queries < 1 or m.meta_batch < 1:
-        raise ConfigError("meta: need ways >= 2, shots >= 1, queries >= 1, meta_batch >= 1")
-    if m.iterations < 1 or m.epoch_length < 1 or m.lr_step < 1 or m.ss_lr <= 0 or m.fc_lr <= 0:
-        raise ConfigError("meta: need iterations, epoch_length, lr_step >= 1 and ss_lr, fc_lr > 0")
-    meta_settings(cfg)
-    HardTaskConfig(**config_to_dict(cfg.hard_tasks))
-
-
-def init_learner(cfg: TrainConfig, init: str | Path) -> tuple[MetaTransferLearner, Preprocess]:
+def init_learner(cfg: Recipe, init: str | Path) -> tuple[MetaTransferLearner, Preprocess]:
     """The learner from a pre-training (or meta) checkpoint, and the checkpoint's preprocessing.
 
     Raises:
@@ -100,8 +84,8 @@ def init_learner(cfg: TrainConfig, init: str | Path) -> tuple[MetaTransferLearne
             str(ckpt["model"]),
             args,
             ckpt["state_dict"],
-            ckpt.get("fc_init") if ckpt["stage"] == "meta" else None,
-            meta_settings(cfg),
+            ckpt["deploy"] if ckpt["stage"] == "meta" else None,
+            cfg.meta,
             ways=cfg.meta.ways,
         )
     except ConfigError as e:
@@ -117,23 +101,21 @@ def validate(
     episodes: int,
     device: torch.device,
 ) -> tuple[float, float]:
-    """Mean and 95% interval (percent) of the MTL head (the learner's init, test_steps) over
-    the sampler's first `episodes` episodes, on features of the frozen SS encoder."""
-    from mtl_edge.train.heads import MTLHead
-    from mtl_edge.train.metatest import evaluate_heads
-
+    """Mean and 95% interval (percent) of the MTL head as meta-test runs it (the learner's
+    head recipe from its meta-learned init) over the sampler's first `episodes` episodes, on
+    features of the frozen SS encoder."""
     feats = features_of(learner.encoder, data, device)
-    res = evaluate_heads(
-        feats,
-        split.labels,
-        sampler.episodes(episodes),
-        {"mtl": MTLHead.factory_from_learner(learner)},
+    meta_init = (
+        learner.fc_weight.detach().cpu().numpy(),
+        learner.fc_bias.detach().cpu().numpy(),
     )
-    return float(res["mtl"].mean), float(res["mtl"].ci95)
+    head = feature_head("mtl", meta_head_recipe(learner.settings), meta_init)
+    res = evaluate_episodes(feats, split.labels, sampler.episodes(episodes), {"mtl": head})
+    return res["mtl"].mean, res["mtl"].ci95
 
 
 def meta_train(
-    config: TrainConfig | Mapping[str, Any],
+    config: Recipe | Mapping[str, Any],
     out: str | Path,
     init: str | Path | None = None,
     resume: bool = False,
@@ -149,8 +131,7 @@ def meta_train(
          "best_val": percent, "hard_tasks": HT statistics, "checkpoints": {"without_ht": ...}
          when `meta.also_without_ht`}.
     """
-    cfg = as_config(config, source)
-    check_config(cfg)
+    cfg = as_recipe(config, source)
     init = init or cfg.meta.pretrained
     if not init:
         raise ConfigError(
@@ -165,9 +146,7 @@ def meta_train(
     return result
 
 
-def _train_one(
-    cfg: TrainConfig, out: Path, init: Path, use_ht: bool, resume: bool
-) -> dict[str, Any]:
+def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -> dict[str, Any]:
     m, rt = cfg.meta, cfg.runtime
     device = resolve_device(rt)
     if rt.threads:
@@ -176,7 +155,7 @@ def _train_one(
     learner, preprocess = init_learner(cfg, init)
     learner.to(device)
     run = Run.open(out, cfg, rt.seed, resume, "meta" + ("" if use_ht else " (no HT)"))
-    train_split = open_recipe_split(cfg.data, cfg.data.train_split, preprocess.color_mode)
+    train_split = open_train_split(cfg.data, preprocess.color_mode)
     train_split.require(m.ways, m.shots + m.queries)
     val_shots = m.val_shots or m.shots
     val_split = None
@@ -198,22 +177,8 @@ def _train_one(
         episode_loader(train_data, device, gen, make_augment((0.25, 1.0), m.augment)), device
     )
     sampler = EpisodeSampler.for_split(train_split, m.ways, m.shots, m.queries, rt.seed)
-    ht_cfg = HardTaskConfig(**config_to_dict(cfg.hard_tasks))
-    miner = (
-        HardTaskMiner(
-            HardTaskSampler(
-                train_split.indices_by_class(),
-                m.ways,
-                m.shots,
-                m.queries,
-                rt.seed + 1,
-                ht_cfg.fresh_images,
-            ),
-            ht_cfg,
-        )
-        if use_ht
-        else None
-    )
+    ht_cfg = cfg.hard_tasks
+    miner = HardTaskMiner(sampler, ht_cfg) if use_ht else None
     val_sampler = (
         EpisodeSampler.for_split(val_split, m.ways, val_shots, m.queries, rt.seed)
         if val_split is not None
@@ -226,8 +191,8 @@ def _train_one(
         state = read_checkpoint(last_path)
         learner.encoder.load_state_dict(state["state_dict"])
         with torch.no_grad():
-            learner.fc_weight.copy_(state["fc_init"]["weight"])
-            learner.fc_bias.copy_(state["fc_init"]["bias"])
+            learner.fc_weight.copy_(state["deploy"]["fc_init"]["weight"])
+            learner.fc_bias.copy_(state["deploy"]["fc_init"]["bias"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["rng"]["generator"])
@@ -308,6 +273,7 @@ def _train_one(
                 "metrics": metrics,
                 "epoch": epoch,
                 "init": str(init),
+                "train_split": split_entry(train_split),
             }
             if improved:
                 save_checkpoint(best_path, ckpt)

@@ -22,8 +22,11 @@ from torch import nn
 
 from mtl_edge.data.episodes import Episode
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.base_learner import INNER_LOSSES, fc_logits, inner_loop, mean_loss_scale
-from mtl_edge.train.config import MetaSettingsFields
+from mtl_edge.fewshot.fc import loss_scale
+from mtl_edge.train.backbones import create_backbone
+from mtl_edge.train.base_learner import fc_logits, inner_loop
+from mtl_edge.train.checkpoint import deploy_section, meta_entry, meta_head_recipe
+from mtl_edge.train.config import MetaConfig
 from mtl_edge.train.hard_tasks import per_class_accuracy
 from mtl_edge.train.ss import (
     bn_parameters,
@@ -35,49 +38,6 @@ from mtl_edge.train.ss import (
 )
 
 log = logging.getLogger(__name__)
-
-FC_INITS = ("zeros", "normal", "kaiming")
-REDUCTIONS = ("mean", "sum")
-
-
-@dataclass(frozen=True)
-class MetaSettings(MetaSettingsFields):
-    """How the learner adapts and what the meta-loss is: the fields of
-    `mtl_edge.train.config.MetaSettingsFields` (documented there; the [meta] recipe table has
-    them too), checked when created.
-
-    Raises:
-        ConfigError: a negative step count, inner_lr <= 0, or an unknown inner_loss, fc_init,
-            bn_mode or reduction.
-    """
-
-    def __post_init__(self) -> None:
-        if self.inner_steps < 0 or self.test_steps < 0 or self.inner_lr <= 0:
-            raise ConfigError(
-                f"meta settings: inner_steps={self.inner_steps}, test_steps={self.test_steps}, "
-                f"inner_lr={self.inner_lr}: need steps >= 0 and inner_lr > 0"
-            )
-        for key, allowed in (
-            ("inner_loss", INNER_LOSSES),
-            ("fc_init", FC_INITS),
-            ("bn_mode", ("frozen", "train")),
-            ("reduction", REDUCTIONS),
-        ):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(
-                    f"meta setting {key}={getattr(self, key)!r}: use one of {', '.join(allowed)}"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MetaSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"meta settings: unknown key(s) {', '.join(unknown)}")
-        return cls(**d)
 
 
 @dataclass
@@ -184,7 +144,7 @@ class MetaTransferLearner(nn.Module):
         encoder: a registry backbone; converted to SS (`ss_shortcut`) when it has no SS convs
             yet. Everything but SS is frozen; BN follows `settings.bn_mode`.
         ways: N of the meta-training tasks (the FC initialisation has N rows).
-        settings: `MetaSettings`; keyword `overrides` replace single fields.
+        settings: `MetaConfig`; keyword `overrides` replace single fields.
         ss_shortcut: convert the 1x1 shortcuts too (only used when converting here).
     """
 
@@ -192,21 +152,21 @@ class MetaTransferLearner(nn.Module):
         self,
         encoder: nn.Module,
         ways: int,
-        settings: MetaSettings | None = None,
+        settings: MetaConfig | None = None,
         ss_shortcut: bool = True,
         **overrides: Any,
     ) -> None:
         super().__init__()
         if ways < 2:
             raise ConfigError(f"meta-transfer ways={ways}: need at least 2 classes per task")
-        known = {f.name for f in fields(MetaSettings)}
+        known = {f.name for f in fields(MetaConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(
                 f"meta settings: unknown key(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
-        self.settings = replace(settings or MetaSettings(), **overrides)
+        self.settings = replace(settings or MetaConfig(), **(overrides | {"ways": ways}))
         if not ss_modules(encoder):
             convert_to_ss(encoder, shortcut=ss_shortcut)
         self.encoder = encoder
@@ -258,7 +218,7 @@ class MetaTransferLearner(nn.Module):
             steps = s.inner_steps if self.training else s.test_steps
         ways = int(support_y.max()) + 1
         weight, bias = self.initial_head(ways)
-        c = mean_loss_scale(s.inner_loss, len(support_y), ways)
+        c = loss_scale(s.inner_loss, len(support_y), ways)
         lr, wd = s.inner_lr * c, s.inner_weight_decay / c
         return inner_loop(
             support_features,
@@ -327,19 +287,18 @@ class MetaTransferLearner(nn.Module):
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """The learner as plain data for a self-describing checkpoint (tensors and JSON-able
-        values only, loadable with `torch.load(weights_only=True)`):
-        {"model", "model_args", "state_dict" (the SS encoder), "fc_init": {"weight", "bias"},
-        "meta": settings + "ways"}. `learner_from_parts(**parts)` rebuilds it."""
+        values only, loadable with `torch.load(weights_only=True)`): {"model", "model_args",
+        "state_dict" (the SS encoder), "meta": settings + "ways", "deploy": the head recipe of
+        meta-test and the device and the meta-learned FC init} (`mtl_edge.train.checkpoint`)."""
         encoder: Any = self.encoder
         return {
             "model": str(getattr(encoder, "name", "")),
             "model_args": dict(getattr(encoder, "model_args", {})),
             "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-            "fc_init": {
-                "weight": self.fc_weight.detach().cpu(),
-                "bias": self.fc_bias.detach().cpu(),
-            },
-            "meta": self.settings.to_dict() | {"ways": self.ways},
+            "meta": meta_entry(self.settings, self.ways),
+            "deploy": deploy_section(
+                meta_head_recipe(self.settings), {"kind": "mtl"}, (self.fc_weight, self.fc_bias)
+            ),
         }
 
     @torch.no_grad()
@@ -371,8 +330,8 @@ def learner_from_parts(
     model: str,
     model_args: dict[str, Any],
     state_dict: dict[str, torch.Tensor],
-    fc_init: dict[str, torch.Tensor] | None = None,
-    meta: dict[str, Any] | MetaSettings | None = None,
+    deploy: dict[str, Any] | None = None,
+    meta: dict[str, Any] | MetaConfig | None = None,
     ways: int | None = None,
 ) -> MetaTransferLearner:
     """A `MetaTransferLearner` from checkpoint parts (see `checkpoint_parts`).
@@ -381,22 +340,23 @@ def learner_from_parts(
         model, model_args: the registry backbone.
         state_dict: the encoder's weights, with SS parameters (meta-training checkpoint) or
             without (pre-training checkpoint: SS starts at identity).
-        fc_init: {"weight" (ways, D), "bias" (ways,)} or None (the settings' `fc_init`).
-        meta: `MetaSettings` or a mapping; keys that are not settings fields (e.g. "ways",
+        deploy: a checkpoint's deploy section; its "fc_init" {"weight" (ways, D), "bias"
+            (ways,)} is the FC initialisation (None or no fc_init: the settings' `fc_init`).
+        meta: `MetaConfig` or a mapping; keys that are not settings fields (e.g. "ways",
             learning rates of the driver) are ignored here.
         ways: N when there is no `fc_init` (default meta["ways"], else 5).
 
     Raises:
         ConfigError: unknown backbone or weights that do not fit it (one line).
     """
-    from mtl_edge.train.backbones import create_backbone
+    fc_init = (deploy or {}).get("fc_init")
 
-    if isinstance(meta, MetaSettings):
+    if isinstance(meta, MetaConfig):
         settings, meta_map = meta, {}
     else:
         meta_map = dict(meta or {})
-        known = {f.name for f in fields(MetaSettings)}
-        settings = MetaSettings(**{k: v for k, v in meta_map.items() if k in known})
+        known = {f.name for f in fields(MetaConfig)}
+        settings = MetaConfig(**{k: v for k, v in meta_map.items() if k in known})
     encoder = create_backbone(model, **model_args)
     shortcut = bool(model_args.get("ss_shortcut", True))
     has_ss = any(k.endswith("ss_scale") for k in state_dict)

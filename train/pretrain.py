@@ -26,10 +26,20 @@ from torch import nn
 
 from mtl_edge.data.episodes import EpisodeSampler
 from mtl_edge.errors import ConfigError
+from mtl_edge.fewshot.evaluate import evaluate_episodes
+from mtl_edge.fewshot.fc import HeadRecipe
+from mtl_edge.fewshot.heads import CentroidHead
+from mtl_edge.settings import config_to_dict
 from mtl_edge.train import distributed as dist_util
 from mtl_edge.train.backbones import create_backbone
-from mtl_edge.train.checkpoint import backbone_state, read_checkpoint, save_checkpoint
-from mtl_edge.train.config import TrainConfig, config_to_dict, from_dict
+from mtl_edge.train.checkpoint import (
+    backbone_state,
+    deploy_section,
+    read_checkpoint,
+    save_checkpoint,
+    split_entry,
+)
+from mtl_edge.train.config import Recipe, as_recipe
 from mtl_edge.train.gpu_data import DeviceDataset, make_generator
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import (
@@ -38,23 +48,16 @@ from mtl_edge.train.torchdata import (
     load_split,
     make_augment,
     open_recipe_split,
+    open_train_split,
     progress_bar,
-    recipe_preprocess,
     resolve_device,
     show_progress,
 )
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "step")
 
-
-def as_config(config: TrainConfig | Mapping[str, Any], source: str = "recipe") -> TrainConfig:
-    """A `TrainConfig` from itself or from plain recipe tables (as the pipeline passes)."""
-    return from_dict(TrainConfig, config, source)
-
-
-def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+def lr_factor(cfg: Recipe, step: int, steps_per_epoch: int) -> float:
     """The schedule's multiplier of the base lr at optimizer step `step` (0-based)."""
     p = cfg.pretrain
     epoch = step / max(steps_per_epoch, 1)
@@ -64,19 +67,6 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         total = max(p.epochs - p.warmup_epochs, 1e-9)
         return 0.5 * (1 + math.cos(math.pi * min((epoch - p.warmup_epochs) / total, 1.0)))
     return p.gamma ** int(epoch // p.step_size)
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Raise ConfigError for values no run can use."""
-    p = cfg.pretrain
-    if p.schedule not in SCHEDULES:
-        raise ConfigError(f"pretrain.schedule={p.schedule!r}: use cosine or step")
-    if p.epochs < 1 or p.batch_size < 1 or p.lr <= 0 or p.step_size < 1 or p.val_every < 1:
-        raise ConfigError(
-            "pretrain: epochs, batch_size, step_size and val_every must be >= 1 and lr > 0"
-        )
-    if not 0 <= p.label_smoothing < 1:
-        raise ConfigError(f"pretrain.label_smoothing={p.label_smoothing}: need 0 <= value < 1")
 
 
 @torch.no_grad()
@@ -100,18 +90,12 @@ def centroid_accuracy(
 ) -> tuple[float, float]:
     """Mean and 95% interval (percent) of cosine nearest-centroid accuracy over the sampler's
     first `episodes` episodes. features: (N, D); labels: (N,) split class ids."""
-    from mtl_edge.train.heads import NearestCentroidHead
-    from mtl_edge.train.metatest import evaluate_heads
-
-    res = evaluate_heads(
-        features, labels, sampler.episodes(episodes), {"centroid": NearestCentroidHead}
-    )
-    r = res["centroid"]
-    return float(r.mean), float(r.ci95)
+    res = evaluate_episodes(features, labels, sampler.episodes(episodes), {"c": CentroidHead})
+    return res["c"].mean, res["c"].ci95
 
 
 def pretrain(
-    config: TrainConfig | Mapping[str, Any],
+    config: Recipe | Mapping[str, Any],
     out: str | Path,
     resume: bool = False,
     source: str = "recipe",
@@ -126,8 +110,7 @@ def pretrain(
     Raises:
         ConfigError / DatasetError: bad recipe, data that cannot make the validation tasks.
     """
-    cfg = as_config(config, source)
-    check_config(cfg)
+    cfg = as_recipe(config, source)
     p, rt = cfg.pretrain, cfg.runtime
     ctx = dist_util.context()
     device = ctx.device if ctx.enabled else resolve_device(rt)
@@ -136,8 +119,8 @@ def pretrain(
     seed_everything(rt.seed + ctx.rank)
     out = Path(out)
     run = Run.open(out, cfg, rt.seed, resume, "pretrain") if ctx.is_main else None
-    preprocess = recipe_preprocess(cfg.model)
-    train_split = open_recipe_split(cfg.data, cfg.data.train_split, preprocess.color_mode)
+    preprocess = cfg.model.input_preprocess
+    train_split = open_train_split(cfg.data, preprocess.color_mode)
     val_split = None
     if p.val_episodes > 0:
         val_split = open_recipe_split(cfg.data, cfg.data.val_split, preprocess.color_mode)
@@ -209,6 +192,8 @@ def pretrain(
         "stage": "pretrain",
         "preprocess": preprocess.to_dict(),
         "config": config_to_dict(cfg),
+        "deploy": deploy_section(HeadRecipe(), {"kind": "centroid"}),
+        "train_split": split_entry(train_split),
     }
     with progress_bar(bars) as progress:
         for epoch in range(start_epoch, p.epochs):

@@ -25,7 +25,7 @@ import torch
 from mtl_edge import sysinfo
 from mtl_edge.atomicio import atomic_write, atomic_write_json
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.config import config_to_dict, read_toml, to_toml
+from mtl_edge.settings import config_to_dict, read_toml, to_toml
 
 log = logging.getLogger(__name__)
 

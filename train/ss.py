@@ -4,7 +4,7 @@ An SS conv keeps the pre-trained weight W and bias b as frozen buffers and learn
 Phi_S1 of shape (out, in / groups, 1, 1), initialised to 1 and broadcast over the k x k kernel,
 and a shift Phi_S2 of shape (out,), initialised to 0. It computes the convolution with
 W' = W * Phi_S1 and b' = b + Phi_S2, so right after conversion it computes exactly what the
-plain conv did, and after meta-training it folds into a plain conv (`effective_weight_and_bias`).
+plain conv did, and after meta-training it folds into a plain conv (`fuse`).
 
 BatchNorm during meta-transfer (`set_bn_mode`):
 
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_edge.errors import ConfigError
+from mtl_edge.train.fuse import replace_modules
 
 BnMode = Literal["frozen", "train"]
 BN_MODES = ("frozen", "train")
@@ -80,6 +81,26 @@ class SSConv2d(nn.Module):
         """(B, in, H, W) -> (B, out, H', W')."""
         w, b = self.effective_weight_and_bias()
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def fuse(self) -> nn.Conv2d:
+        """A plain `nn.Conv2d` (with bias) holding W * Phi_S1 and b + Phi_S2: the same map."""
+        w, b = self.effective_weight_and_bias()
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=True,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)  # type: ignore[union-attr]
+        return conv
 
     def extra_repr(self) -> str:
         return (
@@ -178,33 +199,9 @@ def bn_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def plain_conv(ss: SSConv2d) -> nn.Conv2d:
-    """A plain `nn.Conv2d` (with bias) holding the SS conv's effective weight and bias."""
-    w, b = ss.effective_weight_and_bias()
-    conv = nn.Conv2d(
-        ss.in_channels,
-        ss.out_channels,
-        ss.kernel_size,
-        stride=ss.stride,
-        padding=ss.padding,
-        dilation=ss.dilation,
-        groups=ss.groups,
-        bias=True,
-        device=w.device,
-        dtype=w.dtype,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(w)
-        conv.bias.copy_(b)  # type: ignore[union-attr]
-    return conv
-
-
 def revert_ss(model: nn.Module) -> nn.Module:
-    """Replace, in place, every SS conv by `plain_conv` of it (so every weight is trainable
-    again, e.g. for the fine-tune-everything ablation). Returns `model`."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, SSConv2d):
-            setattr(model, name, plain_conv(child))
-        else:
-            revert_ss(child)
+    """Replace, in place, every SS conv by its `fuse()`d plain conv (so every weight is
+    trainable again, e.g. for the fine-tune-everything ablation); BatchNorms stay. Returns
+    `model`."""
+    replace_modules(model, lambda m: m.fuse() if isinstance(m, SSConv2d) else None)
     return model

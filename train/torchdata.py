@@ -1,9 +1,9 @@
 """Data plumbing shared by pre-training and meta-training.
 
 - `resolve_device`, `autocast`: where the tensors live and mixed precision (CUDA only);
-- `recipe_preprocess`, `open_recipe_split`: a recipe's preprocessing and its splits through
-  `mtl_edge.train.datasets.open_split` (data root from the recipe, $MTL_EDGE_DATA or the repo's
-  ../shared/data);
+- `open_recipe_split`: a recipe's splits through
+  `mtl_edge.data.registry.open_split` (data root from the recipe, else
+  `mtl_edge.data.registry.data_root()`);
 - `load_split`: a split decoded once into a `mtl_edge.train.gpu_data.DeviceDataset` (uint8 in
   memory: miniImageNet's 38k images are decoded once, not per epoch; training augmentation
   and the exact evaluation preprocessing are done there);
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,13 +29,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from mtl_edge.data.registry import data_root, first_per_class, open_split_spec, reader_options
 from mtl_edge.data.split import ImageSplit
-from mtl_edge.errors import ConfigError, MtlEdgeError
+from mtl_edge.errors import ConfigError
 from mtl_edge.preprocess import Preprocess
-from mtl_edge.train.config import DataConfig, ModelConfig, RuntimeConfig
+from mtl_edge.train.config import DataConfig, RuntimeConfig
 from mtl_edge.train.gpu_data import DeviceAugment, DeviceDataset
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
@@ -63,8 +61,6 @@ def parse_device(name: str, option: str) -> torch.device:
 
 def autocast(runtime: RuntimeConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on CUDA when runtime.amp asks for it, else nothing."""
-    if runtime.amp not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"runtime.amp={runtime.amp!r}: use none, bf16 or fp16")
     if runtime.amp == "none" or device.type != "cuda":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if runtime.amp == "bf16" else torch.float16
@@ -73,8 +69,6 @@ def autocast(runtime: RuntimeConfig, device: torch.device) -> contextlib.Abstrac
 
 def show_progress(runtime: RuntimeConfig) -> bool:
     """Progress bars on: "on", "off", or "auto" = stderr is a terminal."""
-    if runtime.progress not in ("auto", "on", "off"):
-        raise ConfigError(f"runtime.progress={runtime.progress!r}: use auto, on or off")
     return runtime.progress == "on" or (runtime.progress == "auto" and sys.stderr.isatty())
 
 
@@ -92,40 +86,28 @@ def progress_bar(enabled: bool) -> Progress:
     )
 
 
-def data_root(data: DataConfig) -> Path | None:
-    """The dataset folder: data.root, else $MTL_EDGE_DATA (default ../shared/data of the repo)
+def recipe_data_root(data: DataConfig) -> Path | None:
+    """The dataset folder of a recipe: data.root, else `mtl_edge.data.registry.data_root()`
     joined with data.default_subdir; None for synthetic data."""
     if data.kind == "synthetic":
         return None
     if data.root:
         return Path(data.root).expanduser()
-    base = os.environ.get("MTL_EDGE_DATA") or str(REPO_ROOT.parent / "shared" / "data")
-    return Path(base) / data.default_subdir if data.default_subdir else Path(base)
+    base = data_root()
+    return base / data.default_subdir if data.default_subdir else base
 
 
-def recipe_preprocess(model: ModelConfig) -> Preprocess:
-    """The model's preprocessing; its channels must match the backbone's in_channels."""
-    try:
-        pre = Preprocess.from_dict(dict(model.preprocess))
-    except MtlEdgeError as e:
-        raise ConfigError(f"model.preprocess: {e}") from None
-    in_channels = int(model.args.get("in_channels", 3))
-    if in_channels != pre.channels:
-        raise ConfigError(
-            f"model.args.in_channels={in_channels} but model.preprocess.color_mode="
-            f"{pre.color_mode!r} gives {pre.channels} channel(s); make them agree"
-        )
-    return pre
-
-
-def open_recipe_split(data: DataConfig, split: str, color_mode: str) -> ImageSplit:
-    """Split `split` ("train", "val", "test" or any reader split) of the recipe's dataset."""
-    from mtl_edge.train.datasets import open_split, reader_options
-
+def open_recipe_split(data: DataConfig, spec: str, color_mode: str) -> ImageSplit:
+    """Split `spec` ("train", "val", "train[:44]", "val+test", ...) of the recipe's dataset."""
     options = dict(data.options)
     if "color_mode" in reader_options(data.kind):
         options.setdefault("color_mode", color_mode)
-    return open_split(data.kind, data_root(data), split, **options)
+    return open_split_spec(data.kind, recipe_data_root(data), spec, **options)
+
+
+def open_train_split(data: DataConfig, color_mode: str) -> ImageSplit:
+    """The recipe's training split, trimmed to `data.per_class` images per class."""
+    return first_per_class(open_recipe_split(data, data.train_split, color_mode), data.per_class)
 
 
 def load_split(

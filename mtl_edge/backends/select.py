@@ -3,7 +3,10 @@
 Names a user can select:
 
 - "onnxruntime": onnxruntime with CUDA when onnxruntime-gpu offers it, else the CPU.
-- "onnxruntime-cpu" / "onnxruntime-cuda": onnxruntime with that provider forced.
+- "onnxruntime-cpu" / "onnxruntime-cuda": onnxruntime with that provider forced. The CUDA
+  provider runs through `ort_cuda.OrtCudaExtractor` (IO binding, CUDA graphs, pinned copies);
+  when CUDA does not really run (`session.get_providers()[0]`), "onnxruntime-cuda" fails with
+  the reason and "onnxruntime" / "auto" warn and use the CPU.
 - "tensorrt": the native TensorRT runtime (engine from the bundle, built when missing).
 - "auto": the fastest available, in the order tensorrt > onnxruntime CUDA > onnxruntime CPU;
   the choice (and any fallback) is logged.
@@ -93,15 +96,48 @@ def resolve_variant(bundle: Bundle, backend: str, precision: str, on_cpu: bool) 
     return variant
 
 
+def _ort_cuda(bundle: Bundle, precision: str, batch_size: int) -> FeatureExtractor:
+    """The IO-binding CUDA extractor (`ort_cuda.py`); UnavailableError when CUDA does not run."""
+    from mtl_edge.backends.ort_cuda import OrtCudaExtractor
+
+    variant = resolve_variant(bundle, "onnxruntime", precision, on_cpu=False)
+    backbone = bundle.manifest["backbone"]
+    return OrtCudaExtractor(
+        bundle.variant_path(variant),
+        bundle.feature_dim,
+        precision=variant,
+        input_name=backbone.get("input_name", "images"),
+        output_name=backbone.get("output_name", "features"),
+        batch_size=batch_size,
+        image_shape=bundle.preprocess.input_shape,
+    )
+
+
 def _onnxruntime(
     bundle: Bundle,
     precision: str,
     threads: int | None,
     batch_size: int,
     providers: Sequence[str] | None,
+    strict_cuda: bool = False,
 ) -> FeatureExtractor:
-    from mtl_edge.backends.onnxruntime_backend import OnnxRuntimeExtractor
+    from mtl_edge.backends.onnxruntime_backend import (
+        OnnxRuntimeExtractor,
+        default_providers,
+        import_onnxruntime,
+    )
 
+    wanted = list(providers or default_providers(import_onnxruntime().get_available_providers()))
+    if wanted[0] == CUDA_PROVIDER:
+        # The CUDA provider goes through IO binding, CUDA graphs and pinned copies. A silent
+        # CPU fallback is an error when CUDA was asked for by name, else a warning.
+        try:
+            return _ort_cuda(bundle, precision, batch_size)
+        except UnavailableError as e:
+            if strict_cuda:
+                raise
+            log.warning("%s; running onnxruntime on the CPU instead", e)
+            providers = [p for p in wanted if p != CUDA_PROVIDER] or [CPU_PROVIDER]
     on_cpu = (providers[0] if providers else CPU_PROVIDER) == CPU_PROVIDER
     variant = resolve_variant(bundle, "onnxruntime", precision, on_cpu)
     backbone = bundle.manifest["backbone"]
@@ -167,7 +203,8 @@ def create_backend(
     if name.startswith("onnxruntime"):
         if reasons["onnxruntime-cpu"] is not None:
             raise UnavailableError(str(reasons["onnxruntime-cpu"]))
-        return _onnxruntime(bundle, precision, threads, batch_size, providers)
+        strict = name == "onnxruntime-cuda"
+        return _onnxruntime(bundle, precision, threads, batch_size, providers, strict)
     return _auto(bundle, precision, threads, batch_size, providers, reasons)
 
 
@@ -191,7 +228,8 @@ def _auto(
         log.debug("backend auto: tensorrt skipped (%s)", reasons["tensorrt"])
     if reasons["onnxruntime-cpu"] is not None:
         raise UnavailableError(str(reasons["onnxruntime-cpu"]))
-    chosen = "onnxruntime-cuda" if reasons["onnxruntime-cuda"] is None else "onnxruntime-cpu"
+    # "onnxruntime" takes CUDA when it really runs and warns and uses the CPU when it does not.
+    chosen = "onnxruntime" if reasons["onnxruntime-cuda"] is None else "onnxruntime-cpu"
     extractor = create_backend(chosen, bundle, precision, threads, batch_size, providers)
     log.info("backend auto: onnxruntime on %s (%s)", extractor.provider, extractor.precision)
     return extractor

@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from mtl_edge.errors import ConfigError
+from mtl_edge.settings import parse_options
 
 # The options of every report-writing command.
 OUT_OPT = typer.Option(None, "--out", help="Report folder.")
@@ -54,16 +54,6 @@ def _report(kind: str, cfg: Any, results: Any, out: Path | None, as_json: bool) 
         typer.echo("written: " + ", ".join(str(p) for p in paths))
 
 
-def _json_object(text: str, option: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{option} {text!r}: give a JSON object such as '{{\"width\": 8}}'")
-    return value
-
-
 def _timing(
     min_time: float, min_runs: int, warmup: float, warmup_runs: int, max_runs: int = 100_000
 ) -> Any:
@@ -96,8 +86,8 @@ def register(app: typer.Typer, name: str) -> None:
         random: bool = typer.Option(
             False, "--random", help="Random weights: build, export and time --backbone."
         ),
-        backbone_args: str = typer.Option(
-            "{}", "--backbone-args", help="JSON options of --backbone, e.g. '{\"width\": 8}'."
+        backbone_args: list[str] = typer.Option(
+            [], "--backbone-arg", help="Option of --backbone, KEY=VALUE, e.g. width=8 (repeatable)."
         ),
         image_size: int = typer.Option(84, "--image-size", help="Input size for --random."),
         backends: str = typer.Option("torch,onnxruntime", "--backends"),
@@ -117,6 +107,23 @@ def register(app: typer.Typer, name: str) -> None:
             None, "--calib", help="Calibration images for the --random int8 export."
         ),
         no_peak: bool = typer.Option(False, "--no-peak", help="Skip the peak matmul."),
+        settings: str = typer.Option(
+            "", "--settings", help="backend:precision[:compute+copies],... instead of the matrix."
+        ),
+        gpu_modes: str = typer.Option("compute", "--gpu-modes", help="compute,copies (GPU)."),
+        order: str = typer.Option("batch", "--order", help="batch (round-robin) or setting."),
+        deadline: float | None = typer.Option(
+            None, "--deadline", help="Seconds after which no new measurement starts."
+        ),
+        parity_episodes: int = typer.Option(
+            0, "--parity-episodes", help="GPU vs CPU features on N episodes (GPU settings)."
+        ),
+        pipeline_images: int = typer.Option(
+            0, "--pipeline-images", help="JPEGs for the decode / GPU overlap check."
+        ),
+        dry_run: bool = typer.Option(
+            False, "--dry-run", help="Run the GPU settings' code on the CPU (checks a plan)."
+        ),
         out: Path | None = OUT_OPT,
         as_json: bool = JSON_OPT,
     ) -> None:
@@ -136,10 +143,17 @@ def register(app: typer.Typer, name: str) -> None:
             rounds=rounds,
             calib=calib,
             measure_peak=not no_peak,
-            backbone_args=_json_object(backbone_args, "--backbone-args"),
+            backbone_args=parse_options(backbone_args, "--backbone-arg", "width=8"),
             image_size=image_size,
+            settings=lat.parse_list(settings, "--settings") if settings else (),
+            gpu_modes=lat.parse_list(gpu_modes, "--gpu-modes"),
+            order=order,
+            deadline_s=deadline,
+            parity_episodes=parity_episodes,
+            pipeline_images=pipeline_images,
+            dry_run=dry_run,
         )
-        lat.settings_matrix(cfg.backends, cfg.precisions)  # bad names fail before any work
+        lat.settings_of(cfg)  # bad names fail before any work
         out = out or _default_out("latency")
         workdir = out / "random-model" if random else None
         _report("latency", cfg, lat.run_latency(cfg, workdir), out, as_json)
@@ -156,7 +170,9 @@ def register(app: typer.Typer, name: str) -> None:
         episodes: int = typer.Option(2000, "--episodes"),
         backends: str = typer.Option("onnxruntime", "--backends"),
         precisions: str = typer.Option("fp32,int8-cpu", "--precisions"),
-        head: str = typer.Option("fc", "--head", help="fc (the bundle head recipe) or centroid."),
+        head: str = typer.Option(
+            "mtl", "--head", help="mtl (the bundle's head recipe), centroid or logreg."
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of the episode list."),
         threads: int | None = typer.Option(None, "--threads"),
         cache: Path | None = typer.Option(None, "--cache", help="Folder for feature .npy."),

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from mtl_edge import settings
 from mtl_edge.errors import DatasetError
 
 #: Layouts `--kind auto` recognises, in the order they are tried.
@@ -48,23 +49,14 @@ def resolve_kind(kind: str, root: Path, split: str) -> str:
 
 def open_dataset(kind: str, root: Path, split: str, **options: Any) -> Any:
     """`open_split` with `kind="auto"` resolved; imported lazily (no torch either way)."""
-    from mtl_edge.train.datasets import open_split
+    from mtl_edge.data.registry import open_split
 
     return open_split(resolve_kind(kind, root, split), root, split, **options)
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """`--option key=value` pairs; values are read as JSON when they parse (5, true, ["a"])."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DatasetError(f"--option {item!r}: use key=value, e.g. val_alphabets=5")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+    """`--option key=value` pairs, values read as TOML literals (5, true, ["a"], 'x')."""
+    return settings.parse_options(items or [], "--option", "val_alphabets=5")
 
 
 OPTION_HELP = (
@@ -120,7 +112,8 @@ def register(app: typer.Typer, name: str) -> None:
 
         Exit code 1 when an image is missing or corrupt, a checksum differs or a class is empty.
         """
-        from mtl_edge.data.verify import format_report, verify_dataset
+        from mtl_edge.data.checks import format_report
+        from mtl_edge.data.verify import verify_dataset
 
         report = verify_dataset(
             root, check_hash=not no_hash, workers=workers or None, color_mode=color_mode

@@ -40,15 +40,15 @@ _EXPORT_ONLY = (
 )
 
 
-def _fmt_acc(entry: dict[str, Any]) -> str:
+def _fmt_acc(entry: dict[str, Any], head: str = "mtl") -> str:
+    """The paired accuracy change of a variant with `head`, per shot count (percent)."""
     parts = []
     for shots in (1, 5):
-        a = entry.get(f"5way_{shots}shot")
+        a = (entry.get(f"5way_{shots}shot") or {}).get(head)
         if a:
             parts.append(
-                f"{shots}-shot {100 * a['fp32']:.2f} -> {100 * a['variant']:.2f} "
-                f"({100 * a['change']:+.2f} +- {100 * a.get('change_ci95', 0.0):.2f} pts, "
-                f"{a['episodes']} episodes)"
+                f"{head} {shots}-shot {a['reference']:.2f} -> {a['candidate']:.2f} "
+                f"({a['change']:+.2f} +- {a['change_ci95']:.2f} pts, {a['episodes']} episodes)"
             )
     return "; ".join(parts)
 
@@ -197,14 +197,14 @@ def register(app: typer.Typer, name: str) -> None:
 
             load_private_key(sign)
         from mtl_edge.export import api
+        from mtl_edge.train.checkpoint import load_checkpoint
 
         eval_data = None
         if eval_dir is not None:
             from mtl_edge.data.folders import read_class_folders
-            from mtl_edge.preprocess import Preprocess
 
-            mode = Preprocess.from_dict(dict(api.read_checkpoint(Path(args[0]))["preprocess"]))
-            eval_data = read_class_folders(eval_dir, None, color_mode=mode.color_mode)
+            mode = load_checkpoint(Path(args[0])).preprocess.color_mode
+            eval_data = read_class_folders(eval_dir, None, color_mode=mode)
         bundle, report = api.export_checkpoint(
             args[0],
             out,
@@ -233,7 +233,7 @@ def register(app: typer.Typer, name: str) -> None:
 
 
 def _run_check(path: Path, seed: int, as_json: bool) -> None:
-    from mtl_edge.export.api import check_bundle  # torch-free: onnxruntime and numpy only
+    from mtl_edge.export.check import check_bundle  # torch-free: onnxruntime and numpy only
 
     result = check_bundle(path, seed=seed)
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import typer
@@ -25,6 +26,8 @@ def register(app: typer.Typer, name: str) -> None:
     def info(
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     ) -> None:
+        with contextlib.suppress(ImportError):  # the core reads torch's state from the CLI's
+            import torch  # noqa: F401
         from mtl_edge.signing import signing_available
 
         data = {"mtl_edge": __version__, **sysinfo.collect()}

@@ -2,7 +2,9 @@
 
 Episode `i` of a sampler depends only on (seed, i), never on what was drawn before, so every
 backend, precision and method evaluated on "episodes 0..1999 of seed 0" sees the same tasks,
-and a fixed list can be saved once and shared.
+and a fixed list can be saved once and shared. The same sampler draws the hard tasks of MTL's
+HT meta-batch (`hard_episode`): classes from a given pool only, images the meta-batch did not
+use, from a stream of their own.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from mtl_edge.jsonfile import read_json_document
 
 EPISODES_SCHEMA = "mtl-edge.episodes"
 EPISODES_VERSION = 1
+#: Keeps the hard episodes' random stream apart from the ordinary one.
+_HARD_STREAM = 0x4854
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class EpisodeSampler:
                 )
         self.indices_by_class = [np.asarray(i, dtype=np.int64) for i in indices_by_class]
         self.ways, self.shots, self.queries, self.seed = ways, shots, queries, seed
+        #: Hard episodes that had to reuse avoided images (too few fresh ones in a class).
+        self.reused = 0
 
     @classmethod
     def for_split(
@@ -139,7 +145,41 @@ class EpisodeSampler:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, index]))
         classes = rng.choice(len(self.indices_by_class), self.ways, replace=False)
         per = self.shots + self.queries
-        picks = [rng.choice(self.indices_by_class[c], per, replace=False) for c in classes]
+        return self._episode(
+            classes, [rng.choice(self.indices_by_class[c], per, False) for c in classes]
+        )
+
+    def hard_episode(
+        self, index: int, pool: Sequence[int], avoid: np.ndarray | None = None
+    ) -> Episode:
+        """Hard episode number `index`: `ways` classes drawn from `pool` only, and images not
+        in `avoid` (the sample indices the meta-batch used) while a class has enough of them.
+        When fewer than shots + queries fresh images remain, every fresh one is taken and the
+        rest are avoided ones, shuffled together (counted in `reused`). A pure function of
+        (seed, index, pool, avoid), from a stream apart from `episode`'s.
+
+        Raises:
+            DatasetError: a pool of fewer than `ways` classes.
+        """
+        if len(set(pool)) < self.ways:
+            raise DatasetError(f"hard episode: pool of {len(set(pool))} classes < {self.ways} ways")
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, index, _HARD_STREAM]))
+        classes = rng.choice(np.asarray(pool, dtype=np.int64), self.ways, replace=False)
+        avoid = np.zeros(0, np.int64) if avoid is None else np.unique(np.asarray(avoid))
+        return self._episode(classes, [self._fresh(rng, int(c), avoid) for c in classes])
+
+    def _fresh(self, rng: np.random.Generator, c: int, avoid: np.ndarray) -> np.ndarray:
+        """shots + queries distinct sample indices of class `c`, unused ones first."""
+        need, candidates = self.shots + self.queries, self.indices_by_class[c]
+        used = np.isin(candidates, avoid)
+        fresh = candidates[~used]
+        if len(fresh) >= need:
+            return rng.choice(fresh, need, replace=False)
+        self.reused += 1
+        extra = rng.choice(candidates[used], need - len(fresh), replace=False)
+        return rng.permutation(np.concatenate([fresh, extra]))
+
+    def _episode(self, classes: np.ndarray, picks: list[np.ndarray]) -> Episode:
         return Episode(
             classes=classes.astype(np.int64),
             support=np.concatenate([p[: self.shots] for p in picks]),

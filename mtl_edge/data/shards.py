@@ -17,7 +17,6 @@ the shard that does not match.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -31,7 +30,6 @@ from mtl_edge.atomicio import atomic_write_json, sha256_file, staged_dir
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import DatasetError
 from mtl_edge.jsonfile import read_json_document
-from mtl_edge.preprocess import DEFAULT_MAX_PIXELS
 
 SHARDS_SCHEMA = "mtl-edge.shards"
 SHARDS_VERSION = 1
@@ -181,7 +179,7 @@ def check_shard(folder: Path, entry: dict[str, Any]) -> Path:
     return path
 
 
-def _read_tar(path: Path, n_classes: int) -> list[tuple[int, bytes, int, int | None]]:
+def read_tar_members(path: Path, n_classes: int) -> list[tuple[int, bytes, int, int | None]]:
     """Samples of one shard as (key, image bytes, class, rotation or None), in key order."""
     samples: dict[int, dict[str, bytes]] = {}
     try:
@@ -227,7 +225,7 @@ def read_shards(
     rots: list[int] = []
     for entry in index["shards"]:
         path = check_shard(folder, entry) if verify else folder / entry["file"]
-        samples = _read_tar(path, len(class_names))
+        samples = read_tar_members(path, len(class_names))
         if len(samples) != entry.get("samples", len(samples)):
             raise DatasetError(
                 f"{path}: holds {len(samples)} samples, {INDEX} says {entry['samples']}"
@@ -264,72 +262,3 @@ def open_shards(
             f"pass the folder of the {split} shards"
         )
     return read_shards(root, verify=verify, color_mode=color_mode)
-
-
-def verify_shards(
-    folder: str | Path, color_mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Any:
-    """`mtl-edge data verify` for a shard folder: checksums, counts and every image decodes.
-
-    Returns:
-        a `mtl_edge.data.verify.VerifyReport` with layout "shards".
-    """
-    from mtl_edge.data.verify import SplitCounts, VerifyReport, check_bytes
-
-    folder = Path(folder)
-    index = read_index(folder)
-    errors: list[str] = []
-    mismatched: list[str] = []
-    good = []
-    for entry in index["shards"]:
-        try:
-            good.append(check_shard(folder, entry))
-        except DatasetError as e:
-            errors.append(str(e))
-            mismatched.append(str(folder / entry["file"]))
-    corrupt: list[dict[str, str]] = []
-    per_class: dict[int, int] = {}
-    sizes: dict[str, int] = {}
-    modes: dict[str, int] = {}
-    digests: dict[str, list[str]] = {}
-    for path in good:
-        for key, data, label, _ in _read_tar(path, len(index["class_names"])):
-            name = f"{path.name}:{key}"
-            per_class[label] = per_class.get(label, 0) + 1
-            digests.setdefault(hashlib.blake2b(data, digest_size=16).hexdigest(), []).append(name)
-            err, size, mode = check_bytes(data, name, color_mode, max_pixels)
-            if err:
-                corrupt.append({"path": name, "error": err})
-                errors.append(err)
-                continue
-            sizes[size] = sizes.get(size, 0) + 1
-            modes[mode] = modes.get(mode, 0) + 1
-    name = str(index.get("name", folder.name))
-    counts = SplitCounts(
-        classes=len(per_class),
-        images=sum(per_class.values()),
-        min_per_class=min(per_class.values(), default=0),
-        max_per_class=max(per_class.values(), default=0),
-        sizes=dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
-        modes=modes,
-    )
-    duplicates = [
-        {"kind": "in shards", "splits": [name], "classes": [], "files": files}
-        for files in digests.values()
-        if len(files) > 1
-    ]
-    return VerifyReport(
-        root=str(folder),
-        layout="shards",
-        splits={name: counts},
-        errors=errors,
-        warnings=[f"byte-identical images: {', '.join(d['files'])}" for d in duplicates],
-        corrupt=corrupt,
-        checksums={
-            "file": str(folder / INDEX),
-            "checked": len(index["shards"]),
-            "mismatched": mismatched,
-            "missing": [],
-        },
-        duplicates=duplicates,
-    )

@@ -164,3 +164,13 @@ class ImageSplit:
                 f"the {min_per_class} (shots + queries) needed; lower shots/queries or add images"
                 + (f" ({len(short) - 1} more classes are short)" if len(short) > 1 else "")
             )
+
+
+#: The split names of the standard few-shot benchmarks.
+STANDARD_SPLITS = ("train", "val", "test")
+
+
+def check_standard_split(split: str, dataset: str) -> None:
+    """Raise DatasetError unless `split` is train, val or test."""
+    if split not in STANDARD_SPLITS:
+        raise DatasetError(f"{dataset} split {split!r}: use train, val or test")

@@ -10,20 +10,22 @@ class) are *errors*; byte-identical duplicates and stray non-image files are *wa
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
-from multiprocessing import get_all_start_methods, get_context
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from mtl_edge.atomicio import sha256_file
+from mtl_edge.data.checks import (
+    SplitCounts,
+    VerifyReport,
+    check_bytes,
+    check_file,
+    find_sums,
+    read_sums,
+)
 from mtl_edge.data.folders import (
     IMAGE_EXTENSIONS,
     JUNK_FILES,
@@ -32,48 +34,13 @@ from mtl_edge.data.folders import (
     locate_csv_images,
     read_split_csv,
 )
-from mtl_edge.errors import DatasetError, ImageError
-from mtl_edge.preprocess import DEFAULT_MAX_PIXELS, decode_image
+from mtl_edge.data.jobs import map_jobs, usable_cores
+from mtl_edge.data.shards import INDEX, check_shard, read_index, read_tar_members
+from mtl_edge.errors import DatasetError
+from mtl_edge.preprocess import DEFAULT_MAX_PIXELS
 
 SPLIT_NAMES = ("train", "val", "test")
 OMNIGLOT_SETS = ("images_background", "images_evaluation")
-SUMS_FILE = "SHA256SUMS"
-
-
-@dataclass
-class SplitCounts:
-    """Counts for one split: classes, images, images per class, image sizes and modes."""
-
-    classes: int = 0
-    images: int = 0
-    min_per_class: int = 0
-    max_per_class: int = 0
-    sizes: dict[str, int] = field(default_factory=dict)
-    modes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class VerifyReport:
-    """What `verify_dataset` found. `ok` is False when there is any error."""
-
-    root: str
-    layout: str
-    splits: dict[str, SplitCounts]
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    corrupt: list[dict[str, str]] = field(default_factory=list)
-    checksums: dict[str, Any] = field(default_factory=dict)
-    duplicates: list[dict[str, Any]] = field(default_factory=list)
-    split_files: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ok"] = self.ok
-        return d
 
 
 @dataclass(frozen=True)
@@ -210,124 +177,6 @@ def _cross_check_csv(
 
 
 # ---------------------------------------------------------------------------------------------
-# SHA256SUMS
-# ---------------------------------------------------------------------------------------------
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def find_sums(root: Path) -> Path | None:
-    """The nearest SHA256SUMS in `root` or one of its parent folders."""
-    for folder in (root, *root.parents):
-        candidate = folder / SUMS_FILE
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def read_sums(path: Path) -> dict[Path, str]:
-    """Entries of a SHA256SUMS file (`<hex>  <path>` or `<hex> *<path>`), as absolute paths."""
-    out: dict[Path, str] = {}
-    base = Path(os.path.normpath(path.absolute())).parent
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(
-            f"{path}: cannot read checksum file ({e}); fix it or pass --no-hash"
-        ) from None
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        digest, _, name = line.partition(" ")
-        name = name[1:] if name.startswith(("*", " ")) else name
-        if len(digest) != 64 or not name:
-            raise DatasetError(f"{path}:{n}: expected '<sha256>  <file>', got {line[:80]!r}")
-        out[Path(os.path.normpath(base / name))] = digest.lower()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-file work (runs in worker processes)
-# ---------------------------------------------------------------------------------------------
-
-
-def check_file(args: tuple[str, str, bool, int]) -> tuple[str, str, str | None, str, str]:
-    """Read, hash and fully decode one image.
-
-    Args:
-        args: (path, color_mode, sha256 wanted, max_pixels).
-
-    Returns:
-        (path, hex digest: sha256 or a faster blake2b, error or None, "WxH", original mode).
-    """
-    path, color_mode, want_sha, max_pixels = args
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return path, "", f"{path}: cannot read ({e.strerror})", "", ""
-    digest = (
-        hashlib.sha256(data).hexdigest()
-        if want_sha
-        else hashlib.blake2b(data, digest_size=16).hexdigest()
-    )
-    error, size, mode = check_bytes(data, path, color_mode, max_pixels)
-    return path, digest, error, size, mode
-
-
-def check_bytes(
-    data: bytes, name: str, color_mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS
-) -> tuple[str | None, str, str]:
-    """Fully decode an encoded image as training would.
-
-    Returns:
-        (error message naming `name`, or None; "WxH"; the file's own Pillow mode).
-    """
-    try:
-        decode_image(data, color_mode, max_pixels, name=name)
-        with Image.open(io.BytesIO(data)) as img:
-            return None, f"{img.width}x{img.height}", img.mode
-    except ImageError as e:
-        return str(e), "", ""
-
-
-def map_jobs(
-    fn: Callable[[Any], Any],
-    items: list[Any],
-    workers: int,
-    progress: bool,
-    description: str = "verifying",
-) -> Iterable[Any]:
-    """`map(fn, items)` in order, over `workers` processes when there is enough work.
-
-    `fn` must be a module-level function; results stream back in input order.
-    """
-    chunk = max(1, min(256, len(items) // (workers * 8) or 1))
-    if workers <= 1 or len(items) < 64:
-        results: Iterable[Any] = map(fn, items)
-        pool = None
-    else:
-        # fork: "spawn" would re-run an unguarded __main__ script in every worker. All workers
-        # start inside pool.map, before the progress bar starts its refresh thread.
-        method = "fork" if "fork" in get_all_start_methods() else "spawn"
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method))
-        results = pool.map(fn, items, chunksize=chunk)
-    try:
-        if progress:
-            from rich.progress import track
-
-            results = track(results, total=len(items), description=description, transient=True)
-        yield from results
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Verify
 # ---------------------------------------------------------------------------------------------
 
@@ -379,8 +228,6 @@ def verify_dataset(
     """
     root = Path(os.path.normpath(Path(root).absolute()))
     if (root / "index.json").is_file():
-        from mtl_edge.data.shards import verify_shards
-
         return verify_shards(root, color_mode, max_pixels)
     layout, parts = detect_layout(root)
     errors: list[str] = []
@@ -471,39 +318,68 @@ def verify_dataset(
     )
 
 
-def format_report(report: VerifyReport, max_lines: int = 20) -> str:
-    """Human-readable summary: a line per split, then errors and warnings (capped)."""
-    lines = [f"{report.root}: layout {report.layout}"]
-    for name, c in report.splits.items():
-        sizes = ", ".join(f"{s} ({n})" for s, n in list(c.sizes.items())[:3])
-        modes = ", ".join(f"{m} ({n})" for m, n in c.modes.items())
-        per = (
-            f"{c.min_per_class}"
-            if c.min_per_class == c.max_per_class
-            else f"{c.min_per_class}-{c.max_per_class}"
-        )
-        lines.append(
-            f"  {name}: {c.classes} classes, {c.images} images ({per} per class); "
-            f"sizes {sizes or '-'}; modes {modes or '-'}"
-        )
-    cs = report.checksums
-    if cs.get("file"):
-        lines.append(
-            f"  checksums: {cs.get('checked', 0)} files checked against {cs['file']}: "
-            f"{len(cs.get('mismatched', []))} mismatched, {len(cs.get('missing', []))} missing"
-        )
-    else:
-        lines.append("  checksums: no SHA256SUMS found (or --no-hash)")
-    for split, sf in report.split_files.items():
-        same = not sf["not_in_folders"] and not sf["not_in_csv"]
-        lines.append(
-            f"  {split} split file {sf['file']}: {sf['listed']} images listed, "
-            + ("the same as the folders" if same else "differs from the folders (see warnings)")
-        )
-    for title, items in (("error", report.errors), ("warning", report.warnings)):
-        for item in items[:max_lines]:
-            lines.append(f"{title}: {item}")
-        if len(items) > max_lines:
-            lines.append(f"{title}: ... and {len(items) - max_lines} more (see --json)")
-    lines.append("OK" if report.ok else f"FAILED: {len(report.errors)} error(s), see above")
-    return "\n".join(lines)
+def verify_shards(
+    folder: str | Path, color_mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Any:
+    """`mtl-edge data verify` for a shard folder: checksums, counts and every image decodes.
+
+    Returns:
+        a `mtl_edge.data.verify.VerifyReport` with layout "shards".
+    """
+    folder = Path(folder)
+    index = read_index(folder)
+    errors: list[str] = []
+    mismatched: list[str] = []
+    good = []
+    for entry in index["shards"]:
+        try:
+            good.append(check_shard(folder, entry))
+        except DatasetError as e:
+            errors.append(str(e))
+            mismatched.append(str(folder / entry["file"]))
+    corrupt: list[dict[str, str]] = []
+    per_class: dict[int, int] = {}
+    sizes: dict[str, int] = {}
+    modes: dict[str, int] = {}
+    digests: dict[str, list[str]] = {}
+    for path in good:
+        for key, data, label, _ in read_tar_members(path, len(index["class_names"])):
+            name = f"{path.name}:{key}"
+            per_class[label] = per_class.get(label, 0) + 1
+            digests.setdefault(hashlib.blake2b(data, digest_size=16).hexdigest(), []).append(name)
+            err, size, mode = check_bytes(data, name, color_mode, max_pixels)
+            if err:
+                corrupt.append({"path": name, "error": err})
+                errors.append(err)
+                continue
+            sizes[size] = sizes.get(size, 0) + 1
+            modes[mode] = modes.get(mode, 0) + 1
+    name = str(index.get("name", folder.name))
+    counts = SplitCounts(
+        classes=len(per_class),
+        images=sum(per_class.values()),
+        min_per_class=min(per_class.values(), default=0),
+        max_per_class=max(per_class.values(), default=0),
+        sizes=dict(sorted(sizes.items(), key=lambda kv: -kv[1])),
+        modes=modes,
+    )
+    duplicates = [
+        {"kind": "in shards", "splits": [name], "classes": [], "files": files}
+        for files in digests.values()
+        if len(files) > 1
+    ]
+    return VerifyReport(
+        root=str(folder),
+        layout="shards",
+        splits={name: counts},
+        errors=errors,
+        warnings=[f"byte-identical images: {', '.join(d['files'])}" for d in duplicates],
+        corrupt=corrupt,
+        checksums={
+            "file": str(folder / INDEX),
+            "checked": len(index["shards"]),
+            "mismatched": mismatched,
+            "missing": [],
+        },
+        duplicates=duplicates,
+    )

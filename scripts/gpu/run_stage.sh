@@ -40,7 +40,7 @@ die() {
 ensure_installed() {
     mkdir -p "$CACHE"
     local where
-    where="$("$PY" -c 'import mtl_edge.train.pipeline as p; print(p.__file__)' 2>/dev/null || true)"
+    where="$("$PY" -c 'import mtl_edge.workflows.pipeline as p; print(p.__file__)' 2>/dev/null || true)"
     if [[ "$where" == "$REPO"/* ]]; then
         return
     fi
@@ -177,7 +177,7 @@ cmd_stage() {
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
     set +e
     PYTHONUNBUFFERED=1 timeout --signal=INT --kill-after=20 "$STAGE_TIMEOUT_S" \
-        "$PY" -m mtl_edge.train.pipeline_cli pipeline --recipe "$recipe" --out "$run" \
+        "$PY" -m mtl_edge.cli train pipeline --recipe "$recipe" --out "$run" \
         --stages "$stages" --resume "$@" 2>&1 | tee -a "$run/pipeline.log"
     rc=${PIPESTATUS[0]}
     set -e

@@ -1,0 +1,1 @@
+"""The workflows above every layer: the stage runner, the pipeline and the demo."""
