@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mtl_edge.errors import MtlEdgeError
+from mtl_edge.safefile import kind_of
 
 
 def _umask() -> int:
@@ -109,6 +111,28 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+def _open_lock_file(path: Path) -> IO[bytes]:
+    """Open (or create) a lock file, refusing a symlink, directory, FIFO, device or socket in its
+    place before opening it (a FIFO would block, a device could act on open, a symlink could
+    point at any file)."""
+    fix = "remove it; mtl-edge recreates the lock file"
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise MtlEdgeError(f"{path}: is a symlink, not a lock file; {fix}")
+        if not stat.S_ISREG(mode):
+            raise MtlEdgeError(f"{path}: is {kind_of(mode)}, not a lock file; {fix}")
+    flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        raise MtlEdgeError(f"{path}: cannot open the lock file ({e.strerror}); {fix}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MtlEdgeError(f"{path}: is not a regular file, not a lock file; {fix}")
+    return os.fdopen(fd, "r+b")
+
+
 @contextlib.contextmanager
 def file_lock(path: str | Path, timeout_s: float = 30.0) -> Iterator[None]:
     """Hold an exclusive advisory lock on `path` (created if missing) for the block.
@@ -118,7 +142,7 @@ def file_lock(path: str | Path, timeout_s: float = 30.0) -> Iterator[None]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
+    with _open_lock_file(path) as f:
         deadline = time.monotonic() + timeout_s
         while True:
             try:

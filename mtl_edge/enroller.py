@@ -11,10 +11,16 @@ It ties a model bundle (feature extraction, preprocessing, head recipe) to a gal
 
 Features are extracted outside the gallery lock (it can take a while); the lock is held only
 for the short load-modify-save, so other processes are not blocked by a long enrollment.
+
+Each image file is read once, as bytes: their sha256 is what the gallery stores, and what
+`reextract` requires before it decodes a stored path again. The backbone's output is checked
+where it appears: a variant that fails on the bundle's own input shape, or gives NaN or
+infinite features, is refused with one line instead of producing "unknown (nan)".
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,21 +28,32 @@ from typing import Any
 
 import numpy as np
 
-from mtl_edge.atomicio import file_lock, sha256_file
+from mtl_edge.atomicio import file_lock
 from mtl_edge.backends.base import FeatureExtractor
 from mtl_edge.bundle import Bundle
-from mtl_edge.errors import DatasetError, GalleryError, ImageError
+from mtl_edge.data.folders import IMAGE_EXTENSIONS, images_in, list_class_dirs
+from mtl_edge.errors import (
+    BundleError,
+    DatasetError,
+    GalleryError,
+    ImageError,
+    MtlEdgeError,
+    one_line,
+)
 from mtl_edge.gallery import Gallery, Prediction, check_class_name, edit_gallery, lock_path
-from mtl_edge.preprocess import decode_image, preprocess_image
+from mtl_edge.gallery.storage import require_variant
+from mtl_edge.preprocess import MAX_IMAGE_FILE_BYTES, decode_image, preprocess_image
+from mtl_edge.safefile import in_pseudo_fs, read_regular
 
 log = logging.getLogger(__name__)
-
-#: Files `enroll_folder` reads as images; anything else in a class folder is ignored.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 #: Progress callback: (images done, images total).
 ProgressFn = Callable[[int, int], None]
 ImageSource = str | Path | bytes | np.ndarray
+
+
+def _read_image_file(path: str | Path) -> bytes:
+    return read_regular(path, MAX_IMAGE_FILE_BYTES, ImageError, "pass an image file")
 
 
 class Enroller:
@@ -52,6 +69,8 @@ class Enroller:
         feature_dtype: how a new gallery stores features, "float16" or "float32".
         store_sources: keep each image's path and sha256 (needed by `reextract`).
         progress: called with (done, total) while images are processed.
+        trusted_key: a public key file; when given the bundle must be signed by it
+            (`mtl_edge.signing`).
     """
 
     def __init__(
@@ -65,8 +84,9 @@ class Enroller:
         feature_dtype: str = "float16",
         store_sources: bool = True,
         progress: ProgressFn | None = None,
+        trusted_key: str | Path | None = None,
     ) -> None:
-        self.bundle = Bundle.load(bundle_path)
+        self.bundle = Bundle.load(bundle_path, trusted_key=trusted_key)
         self.gallery_path = Path(gallery_path)
         self.backend, self.precision = backend, precision
         self.threads, self.batch_size = threads, batch_size
@@ -86,7 +106,87 @@ class Enroller:
             )
         return self._extractor
 
+    @property
+    def variant(self) -> str:
+        """The bundle variant that extracts features (creates the extractor)."""
+        return self.extractor.precision
+
     # --------------------------------------------------------------- features
+
+    def _run_backbone(self, batch: np.ndarray, first: str) -> np.ndarray:
+        """Features (n, D) of preprocessed images (n, C, H, W), checked to be finite."""
+        where = f"{self.bundle.root} ({self.variant} variant)"
+        try:
+            out = self.extractor.extract(batch)
+        except MtlEdgeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the runtimes raise their own types
+            detail = one_line(e)
+            raise BundleError(
+                f"{where}: the backbone fails on inputs of shape {tuple(batch.shape)} made by "
+                f"the manifest's preprocess ({detail}); the manifest does not match the model, "
+                "export the bundle again"
+            ) from None
+        out = np.asarray(out)
+        if out.shape != (len(batch), self.bundle.feature_dim):
+            raise BundleError(
+                f"{where}: the backbone gave features of shape {out.shape}, expected "
+                f"({len(batch)}, {self.bundle.feature_dim}); export the bundle again"
+            )
+        if not np.all(np.isfinite(out)):
+            raise BundleError(
+                f"{where}: the backbone gave NaN or infinite features (batch starting at "
+                f"{first}); the variant is broken: export the bundle again or use another "
+                "--precision"
+            )
+        return out.astype(np.float32, copy=False)
+
+    def _decode(self, source: ImageSource, expected_sha256: str | None) -> tuple[Any, str | None]:
+        """The decoded image and the sha256 of the file it came from (None for bytes/arrays)."""
+        cfg = self.bundle.preprocess
+        if isinstance(source, str | Path):
+            data = _read_image_file(source)
+            digest = hashlib.sha256(data).hexdigest()
+            if expected_sha256 is not None and digest != expected_sha256:
+                raise GalleryError(
+                    f"{source}: changed since it was enrolled (sha256 differs), so it is not "
+                    "used; re-enroll its class from the current images"
+                )
+            return decode_image(data, cfg.color_mode, name=str(source)), digest
+        return decode_image(source, cfg.color_mode), None
+
+    def _extract(
+        self,
+        sources: Sequence[ImageSource],
+        skip_unreadable: bool = False,
+        expected: Sequence[str] | None = None,
+    ) -> tuple[np.ndarray, list[int], list[str | None]]:
+        cfg = self.bundle.preprocess
+        features: list[np.ndarray] = []
+        used: list[int] = []
+        digests: list[str | None] = []
+        batch: list[np.ndarray] = []
+        total = len(sources)
+        for i, source in enumerate(sources):
+            try:
+                img, digest = self._decode(source, None if expected is None else expected[i])
+                batch.append(preprocess_image(img, cfg))
+                used.append(i)
+                digests.append(digest)
+            except ImageError as e:
+                if not skip_unreadable:
+                    raise
+                log.warning("skipped: %s", e)
+            if len(batch) == self.batch_size or (i == total - 1 and batch):
+                start = sources[used[len(used) - len(batch)]]
+                first = str(start) if isinstance(start, str | Path) else f"image {i}"
+                features.append(self._run_backbone(np.stack(batch), first))
+                batch = []
+            if self.progress is not None:
+                self.progress(i + 1, total)
+        if not features:
+            return np.zeros((0, self.bundle.feature_dim), np.float32), used, digests
+        return np.concatenate(features), used, digests
 
     def extract(
         self, sources: Sequence[ImageSource], skip_unreadable: bool = False
@@ -103,40 +203,27 @@ class Enroller:
 
         Raises:
             ImageError: an unreadable image when not `skip_unreadable`.
+            BundleError: the backbone fails or gives non-finite features.
         """
-        cfg = self.bundle.preprocess
-        features: list[np.ndarray] = []
-        used: list[int] = []
-        batch: list[np.ndarray] = []
-        total = len(sources)
-        for i, source in enumerate(sources):
-            try:
-                batch.append(preprocess_image(decode_image(source, cfg.color_mode), cfg))
-                used.append(i)
-            except ImageError as e:
-                if not skip_unreadable:
-                    raise
-                log.warning("skipped: %s", e)
-            if len(batch) == self.batch_size or (i == total - 1 and batch):
-                features.append(self.extractor.extract(np.stack(batch)))
-                batch = []
-            if self.progress is not None:
-                self.progress(i + 1, total)
-        if not features:
-            return np.zeros((0, self.bundle.feature_dim), np.float32), used
-        return np.concatenate(features), used
+        features, used, _ = self._extract(sources, skip_unreadable)
+        return features, used
 
     def _class_features(
-        self, name: str, paths: Sequence[str | Path], skip_unreadable: bool, where: str
+        self,
+        name: str,
+        paths: Sequence[str | Path],
+        skip_unreadable: bool,
+        where: str,
+        expected: Sequence[str] | None = None,
     ) -> tuple[np.ndarray, list[dict[str, str] | None]]:
-        features, used = self.extract(paths, skip_unreadable)
+        features, used, digests = self._extract(paths, skip_unreadable, expected)
         if len(used) == 0:
             raise GalleryError(f"class {name!r}: no usable image in {where}; add readable images")
         sources: list[dict[str, str] | None] = [None] * len(used)
         if self.store_sources:
             sources = [
-                {"path": str(Path(paths[i]).resolve()), "sha256": sha256_file(paths[i])}
-                for i in used
+                {"path": str(Path(paths[i]).resolve()), "sha256": str(digest)}
+                for i, digest in zip(used, digests, strict=True)
             ]
         return features, sources
 
@@ -145,7 +232,13 @@ class Enroller:
     def _new_gallery(self) -> Gallery:
         b = self.bundle
         return Gallery(
-            b.model_id, b.feature_dim, b.head, self.feature_dtype, b.meta_init(), b.backbone_name
+            b.model_id,
+            b.feature_dim,
+            b.head,
+            self.feature_dtype,
+            b.meta_init(),
+            b.backbone_name,
+            variant=self.variant,
         )
 
     def load_gallery(self) -> Gallery:
@@ -154,7 +247,8 @@ class Enroller:
 
     def _check_names(self, names: Sequence[str], append: bool) -> None:
         """Fail fast, before the slow extraction, on duplicate or missing names."""
-        enrolled = set(self.load_gallery().class_names) if self.gallery_path.exists() else set()
+        exists = self.gallery_path.exists() or self.gallery_path.is_symlink()
+        enrolled = set(self.load_gallery().class_names) if exists else set()
         for name in names:
             check_class_name(name)
             if append and name not in enrolled:
@@ -166,7 +260,9 @@ class Enroller:
                 )
 
     def _commit(self, batch: list[tuple[str, np.ndarray, list]], append: bool) -> None:
-        with edit_gallery(self.gallery_path, self._new_gallery(), self.bundle.model_id) as g:
+        with edit_gallery(
+            self.gallery_path, self._new_gallery(), self.bundle.model_id, variant=self.variant
+        ) as g:
             for name, features, sources in batch:
                 if append:
                     g.add_examples(name, features, sources)
@@ -195,8 +291,10 @@ class Enroller:
     def enroll_folder(self, folder: str | Path, append: bool = False) -> dict[str, int]:
         """Enroll one class per sub-folder of `folder` (named after it).
 
-        Unreadable images are skipped with a warning; a class folder with no usable image is an
-        error. Nothing is saved unless every class succeeds.
+        Folders are walked by `mtl_edge.data.folders` (hidden and junk files ignored, files
+        read by their extension, `IMAGE_EXTENSIONS`). Unreadable images are skipped with a
+        warning; a class folder with no usable image is an error. Nothing is saved unless
+        every class succeeds.
 
         Returns:
             class name -> number of images enrolled.
@@ -204,9 +302,7 @@ class Enroller:
         folder = Path(folder)
         if not folder.is_dir():
             raise DatasetError(f"{folder}: no such folder; --from-folder takes a folder of classes")
-        class_dirs = sorted(
-            p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        class_dirs = list_class_dirs(folder)
         if not class_dirs:
             raise DatasetError(
                 f"{folder}: no class sub-folders; put each class's images in <folder>/<class>/"
@@ -214,9 +310,7 @@ class Enroller:
         self._check_names([d.name for d in class_dirs], append)
         batch = []
         for class_dir in class_dirs:
-            images = sorted(
-                p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            images = images_in(class_dir, IMAGE_EXTENSIONS, on_error="skip")
             features, sources = self._class_features(class_dir.name, images, True, str(class_dir))
             batch.append((class_dir.name, features, sources))
         self._commit(batch, append)
@@ -235,11 +329,13 @@ class Enroller:
             threshold: overrides the gallery's rejection threshold for this call.
 
         Raises:
-            GalleryError: missing, empty or foreign gallery. ImageError: an unreadable image.
+            GalleryError: missing, empty or foreign gallery (another model or variant).
+            ImageError: an unreadable image. BundleError: a failing backbone.
         """
         gallery = self.load_gallery()
         if not gallery.classes:
             raise GalleryError(f"{self.gallery_path}: no classes enrolled; enroll some first")
+        require_variant(gallery, self.variant, self.gallery_path)
         features, _ = self.extract(images)
         return gallery.predict(features, top_k=top_k, threshold=threshold)
 
@@ -265,15 +361,17 @@ class Enroller:
         return self.load_gallery().info()
 
     def reextract(self) -> int:
-        """Rebuild a gallery made with another bundle from its stored image paths.
+        """Rebuild a gallery made with another bundle or variant from its stored image paths.
 
-        Every source image must still exist; one whose sha256 changed is used with a warning.
+        A stored path is used only if it is still a regular file outside /proc and /sys whose
+        sha256 matches the one stored at enrollment (checked on the bytes that are decoded).
 
         Returns:
             the number of images re-extracted.
 
         Raises:
-            GalleryError: a class without stored paths, or the gallery changed meanwhile.
+            GalleryError: a class without stored paths, a changed or missing image, or the
+                gallery changed meanwhile.
         """
         old = Gallery.load(self.gallery_path)
         batch = []
@@ -284,11 +382,16 @@ class Enroller:
                     "with the new bundle instead"
                 )
             paths = [s["path"] for s in cls.sources if s is not None]
-            for s in cls.sources:
-                path = Path(s["path"]) if s is not None else None
-                if s and path and path.is_file() and sha256_file(path) != s["sha256"]:
-                    log.warning("%s changed since it was enrolled; using it as it is now", path)
-            features, sources = self._class_features(cls.name, paths, False, "its stored paths")
+            for path in paths:
+                if in_pseudo_fs(path):
+                    raise GalleryError(
+                        f"{self.gallery_path}: class {cls.name!r} lists {path}, a kernel file, "
+                        "not an image; re-enroll the class"
+                    )
+            expected = [s["sha256"] for s in cls.sources if s is not None]
+            features, sources = self._class_features(
+                cls.name, paths, False, "its stored paths", expected
+            )
             batch.append((cls.name, features, sources))
         fresh = self._new_gallery()
         fresh.feature_dtype = old.feature_dtype

@@ -41,3 +41,18 @@ class UnavailableError(MtlEdgeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, exit_code=2)
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """`value` for an error message: its repr (control characters escaped, so a crafted value
+    cannot forge lines), cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(text: object, limit: int = 160) -> str:
+    """A third-party message on one line: whitespace runs collapsed, other control characters
+    escaped, cut to `limit` characters."""
+    flat = " ".join(str(text).split())
+    flat = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in flat)
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -3,13 +3,29 @@
 numpy + Pillow only. The training stack wraps `preprocess_image` for torch; the device runs it
 as is, with the `Preprocess` settings read from the model bundle's manifest, so both sides feed
 the backbone the same numbers.
+
+Images are untrusted input. `decode_image` opens regular files only (a FIFO or a device is
+refused before it is opened), lets Pillow read only the formats listed in `IMAGE_FORMATS`,
+refuses a header over `max_pixels` or with a side over `MAX_SIDE` before decoding, and turns
+every decoder failure into one `ImageError` line. Warnings of Pillow and of the C libraries it
+calls (libtiff prints straight to file descriptor 2) are captured: logged at debug level after a
+successful decode, appended to the error line after a failed one. `resize_and_crop` never
+builds an image of more than `MAX_RESIZED_PIXELS` (see docs/security.md for every limit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import math
+import numbers
+import os
+import sys
+import tempfile
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +33,31 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from mtl_edge.errors import ImageError
+from mtl_edge.errors import ImageError, one_line, shown
+from mtl_edge.safefile import open_regular
+
+log = logging.getLogger(__name__)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 #: Largest image accepted, in pixels (width * height). Larger files are refused as possible
-#: decompression bombs; raise it with `max_pixels=` for genuinely huge photos.
+#: decompression bombs; raise it with `max_pixels=` for genuinely huge photos. Pillow holds at
+#: most 4 bytes per pixel, so a decoded image takes at most 256 MB.
 DEFAULT_MAX_PIXELS = 64_000_000
+#: Largest image file read whole (the enroller hashes the bytes it decodes).
+MAX_IMAGE_FILE_BYTES = 256 << 20
+#: Longest side accepted, in pixels (the JPEG format's own limit).
+MAX_SIDE = 65_535
+#: Largest intermediate image `resize_and_crop` builds; a more elongated image is cropped
+#: before it is resized (same geometry, output of `size` x `size`).
+MAX_RESIZED_PIXELS = 4_194_304
+#: Bounds of the `Preprocess` settings (a manifest or checkpoint is untrusted).
+MAX_INPUT_SIZE = 1024
+MAX_RESIZE = 2048
+MAX_NORMALISATION = 1000.0
+#: The formats Pillow may use; others (EPS runs Ghostscript, many rarely used plugins) are
+#: refused as "not an image".
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +68,16 @@ _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+_STDERR_LOCK = threading.Lock()
+_CAPTURE_LIMIT = 64 * 1024
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -44,12 +88,12 @@ class Preprocess:
     -> float32 * `scale` -> (1 - x if `invert`) -> (x - mean) / std -> (C, H, W).
 
     Attributes:
-        size: output height and width after the center crop.
-        resize: shorter side before cropping; None means `size` (no border is cropped away
-            from a square image).
+        size: output height and width after the center crop (1..MAX_INPUT_SIZE).
+        resize: shorter side before cropping (size..MAX_RESIZE); None means `size` (no border
+            is cropped away from a square image).
         color_mode: "RGB" (3 channels) or "L" (1 channel).
-        mean, std: per-channel normalisation, one value per channel.
-        scale: multiplies the uint8 pixel values before normalisation.
+        mean, std: per-channel normalisation, one finite value per channel (std > 0).
+        scale: multiplies the uint8 pixel values before normalisation (finite, > 0).
         invert: 1 - x after scaling (Omniglot: ink becomes 1 on a 0 background).
         interpolation: "nearest", "bilinear", "bicubic" or "lanczos".
     """
@@ -65,23 +109,45 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.color_mode not in ("RGB", "L"):
-            raise ImageError(f"preprocess.color_mode={self.color_mode!r}: use 'RGB' or 'L'")
+            raise ImageError(f"preprocess.color_mode={shown(self.color_mode)}: use 'RGB' or 'L'")
+        if not _is_int(self.size) or not 0 < self.size <= MAX_INPUT_SIZE:
+            raise ImageError(
+                f"preprocess.size={shown(self.size)}: use an integer in 1..{MAX_INPUT_SIZE}"
+            )
+        if self.resize is not None and (
+            not _is_int(self.resize) or not self.size <= self.resize <= MAX_RESIZE
+        ):
+            raise ImageError(
+                f"preprocess size={self.size}, resize={shown(self.resize)}: need an integer resize "
+                f"with size <= resize <= {MAX_RESIZE}, or none"
+            )
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if not isinstance(values, tuple | list) or not all(
+                _is_real(v) and abs(v) <= MAX_NORMALISATION for v in values
+            ):
+                raise ImageError(
+                    f"preprocess.{key}: a list of finite numbers within +-{MAX_NORMALISATION:g}"
+                )
+            object.__setattr__(self, key, tuple(float(v) for v in values))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ImageError(
                 f"preprocess mean/std need {self.channels} values for {self.color_mode}, "
                 f"got {len(self.mean)} and {len(self.std)}"
             )
-        if self.size <= 0 or (self.resize is not None and self.resize < self.size):
+        if any(s < 1e-6 for s in self.std):
+            raise ImageError("preprocess.std: every value must be positive (at least 1e-6)")
+        if not _is_real(self.scale) or not 0 < self.scale <= MAX_NORMALISATION:
             raise ImageError(
-                f"preprocess size={self.size}, resize={self.resize}: need 0 < size <= resize"
+                f"preprocess.scale={shown(self.scale)}: use a number in (0, {MAX_NORMALISATION:g}]"
             )
-        if self.interpolation not in _INTERPOLATION:
+        if not isinstance(self.invert, bool):
+            raise ImageError(f"preprocess.invert={shown(self.invert)}: use true or false")
+        if not isinstance(self.interpolation, str) or self.interpolation not in _INTERPOLATION:
             raise ImageError(
-                f"preprocess.interpolation={self.interpolation!r}: use one of "
+                f"preprocess.interpolation={shown(self.interpolation)}: use one of "
                 f"{', '.join(_INTERPOLATION)}"
             )
-        if any(s <= 0 for s in self.std):
-            raise ImageError("preprocess.std: every value must be positive")
 
     @property
     def channels(self) -> int:
@@ -99,14 +165,16 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
+        """Settings from a JSON object; every field is type- and range-checked.
+
+        Raises:
+            ImageError: not an object, an unknown key, or a field of the wrong type or range.
+        """
+        if not isinstance(d, dict):
+            raise ImageError(f"preprocess: expected an object, got {type(d).__name__}")
+        unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ImageError(f"preprocess: unknown keys {sorted(unknown)}")
-        d = dict(d)
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(float(v) for v in d[key])
+            raise ImageError(f"preprocess: unknown keys {shown(sorted(map(str, unknown)), 80)}")
         return cls(**d)
 
 
@@ -122,12 +190,71 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
     if img.mode.startswith("I") or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         if img.mode == "F" and arr.max(initial=0) <= 1.0:
             top = 1.0
+        arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
         img = Image.fromarray(np.clip(np.rint(arr / top * 255.0), 0, 255).astype(np.uint8))
     return img if img.mode == mode else img.convert(mode)
+
+
+@contextlib.contextmanager
+def _captured_fd2() -> Iterator[list[str]]:
+    """Collect what C code writes to file descriptor 2 in the block into the yielded list
+    (filled when the block ends). Process-wide, hence serialised by a lock."""
+    lines: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read(_CAPTURE_LIMIT).decode(errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _check_size(label: str, w: int, h: int, max_pixels: int) -> None:
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise ImageError(
+            f"{label}: {w}x{h} pixels has a side over the limit of {MAX_SIDE}; resize it"
+        )
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{label}: {w}x{h} pixels is over the limit of {max_pixels} "
+            "(possible decompression bomb); raise max_pixels if it is genuine"
+        )
+
+
+def _decode(fp: Any, label: str, max_pixels: int, notes: list[str]) -> Image.Image:
+    """Open, check the header, load and orient; third-party messages go to `notes`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            img: Image.Image = Image.open(fp, formats=IMAGE_FORMATS)
+            _check_size(label, *img.size, max_pixels)
+            if img.format == "TIFF":
+                with _captured_fd2() as printed:
+                    try:
+                        img.load()
+                    finally:
+                        notes.extend(printed)
+            else:
+                img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # a copy would double the memory
+        finally:
+            for w in caught:
+                if issubclass(w.category, Image.DecompressionBombWarning):
+                    raise ImageError(
+                        f"{label}: too many pixels (possible decompression bomb); raise "
+                        "max_pixels if it is genuine"
+                    )
+                notes.append(str(w.message).strip())
+    return img
 
 
 def decode_image(
@@ -139,42 +266,36 @@ def decode_image(
     """Decode an image file (or bytes, or a uint8 array) into an upright RGB or L image.
 
     Args:
-        source: a path, encoded bytes, or a uint8 array of shape (H, W) or (H, W, C).
+        source: a path, encoded bytes, or a uint8 array of shape (H, W) or (H, W, C) with C in
+            1, 3, 4.
         color_mode: "RGB" or "L".
         max_pixels: refuse images with more pixels than this (decompression bombs).
         name: how to call the source in error messages (defaults to the path).
 
     Raises:
-        ImageError: one line naming the file: missing, not an image, truncated, too large.
+        ImageError: one line naming the file: missing, not a regular file, not an image of a
+            supported format, truncated or corrupt, too large.
     """
     label = name or (str(source) if isinstance(source, str | Path) else "<image>")
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim not in (2, 3):
+        shape = source.shape
+        if source.dtype != np.uint8 or source.ndim not in (2, 3) or source.size == 0:
             raise ImageError(
-                f"{label}: expected a uint8 array (H, W[, C]), got {source.dtype} {source.shape}"
+                f"{label}: expected a uint8 array (H, W[, C]), got {source.dtype} {shape}"
             )
-        return _to_mode(Image.fromarray(source), color_mode)
-    try:
-        fp: Any = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        raise ImageError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{label}: is a directory, not an image") from None
-    except OSError as e:
-        raise ImageError(f"{label}: cannot open ({e.strerror})") from None
+        if source.ndim == 3 and shape[2] not in (1, 3, 4):
+            raise ImageError(f"{label}: an array image needs 1, 3 or 4 channels, got {shape[2]}")
+        _check_size(label, shape[1], shape[0], max_pixels)
+        array = source[:, :, 0] if source.ndim == 3 and shape[2] == 1 else source
+        return _to_mode(Image.fromarray(np.ascontiguousarray(array)), color_mode)
+    if isinstance(source, bytes | bytearray | memoryview):
+        fp: Any = io.BytesIO(bytes(source))
+    else:
+        fp = open_regular(source, ImageError, "pass an image file", missing="no such file")
+    notes: list[str] = []
     with fp:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img: Image.Image = Image.open(fp)
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageError(
-                        f"{label}: {w}x{h} pixels is over the limit of {max_pixels} "
-                        "(possible decompression bomb); raise max_pixels if it is genuine"
-                    )
-                img.load()
-                img = ImageOps.exif_transpose(img)
+            img = _decode(fp, label, max_pixels, notes)
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -183,27 +304,47 @@ def decode_image(
                 "if it is genuine"
             ) from None
         except UnidentifiedImageError:
-            raise ImageError(f"{label}: not an image file Pillow can read") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ImageError(f"{label}: corrupt or truncated image ({e})") from None
+            raise ImageError(
+                f"{label}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})"
+            ) from None
+        except MemoryError:
+            raise ImageError(f"{label}: too large to decode in the memory available") from None
+        except Exception as e:  # noqa: BLE001 - Pillow's decoders raise many types on bad data
+            detail = one_line(e) or type(e).__name__
+            extra = f"; {one_line(' '.join(notes), 200)}" if notes else ""
+            raise ImageError(f"{label}: corrupt or truncated image ({detail}{extra})") from None
+    for note in notes:
+        log.debug("%s: %s", label, note)
     if img.width == 0 or img.height == 0:
         raise ImageError(f"{label}: empty image ({img.width}x{img.height})")
-    return _to_mode(img, color_mode)
+    try:
+        return _to_mode(img, color_mode)
+    except MemoryError:
+        raise ImageError(f"{label}: too large to convert in the memory available") from None
+    except (OSError, ValueError) as e:
+        raise ImageError(f"{label}: cannot convert to {color_mode} ({e})") from None
 
 
 def resize_and_crop(img: Image.Image, cfg: Preprocess) -> Image.Image:
-    """Resize the shorter side to `cfg.resize` (or `cfg.size`), then center-crop to `cfg.size`."""
+    """Resize the shorter side to `cfg.resize` (or `cfg.size`), then center-crop to `cfg.size`.
+
+    When the resized image would exceed MAX_RESIZED_PIXELS (a very elongated image), the crop
+    is taken from the source first and resized alone, so memory stays bounded.
+    """
     target = cfg.resize or cfg.size
     w, h = img.size
-    if min(w, h) != target:
-        if w <= h:
-            new_w, new_h = target, max(target, round(h * target / w))
-        else:
-            new_w, new_h = max(target, round(w * target / h)), target
+    if w <= h:
+        new_w, new_h = target, max(target, round(h * target / w))
+    else:
+        new_w, new_h = max(target, round(w * target / h)), target
+    left, top = (new_w - cfg.size) // 2, (new_h - cfg.size) // 2
+    if (new_w, new_h) != (w, h) and new_w * new_h > MAX_RESIZED_PIXELS:
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + cfg.size) * sx, (top + cfg.size) * sy)
+        return img.resize((cfg.size, cfg.size), _INTERPOLATION[cfg.interpolation], box=box)
+    if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
-    w, h = img.size
-    if (w, h) != (cfg.size, cfg.size):
-        left, top = (w - cfg.size) // 2, (h - cfg.size) // 2
+    if (new_w, new_h) != (cfg.size, cfg.size):
         img = img.crop((left, top, left + cfg.size, top + cfg.size))
     return img
 

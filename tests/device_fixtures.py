@@ -26,11 +26,13 @@ def tiny_onnx_bytes(
     channels: int = 3,
     seed: int = 0,
     static_batch: int | None = None,
+    static_size: int | None = None,
 ) -> bytes:
     """Serialized ONNX model mapping `images` (N, C, H, W) to `features` (N, feature_dim).
 
     Args:
         static_batch: fix the batch dimension to this size instead of leaving it dynamic.
+        static_size: fix H and W to this size (onnxruntime then refuses other sizes).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -39,6 +41,7 @@ def tiny_onnx_bytes(
     weight = rng.normal(0.0, 0.5, size=(feature_dim, channels, 3, 3)).astype(np.float32)
     bias = rng.normal(0.0, 0.1, size=(feature_dim,)).astype(np.float32)
     batch: Any = static_batch if static_batch is not None else "N"
+    hw: list[Any] = [static_size, static_size] if static_size is not None else ["H", "W"]
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["images", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
@@ -47,7 +50,7 @@ def tiny_onnx_bytes(
             helper.make_node("Flatten", ["pool"], ["features"], axis=1),
         ],
         "tiny_backbone",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, channels, "H", "W"])],
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, channels, *hw])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, feature_dim])],
         initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
     )

@@ -134,7 +134,7 @@ def test_empty_gallery_cannot_predict() -> None:
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_round_trip_loses_nothing(tmp_path: Path, dtype: str) -> None:
     g = _gallery(dtype=dtype)
-    g.classes["class0"].sources = [{"path": f"/x/{i}.jpg", "sha256": "ab"} for i in range(4)]
+    g.classes["class0"].sources = [{"path": f"/x/{i}.jpg", "sha256": "ab" * 32} for i in range(4)]
     g.meta_init = (np.ones((4, DIM), np.float32), np.zeros(4, np.float32))
     path = tmp_path / "g.gallery"
     with edit_gallery(path, new=g):
@@ -291,7 +291,7 @@ def test_two_processes_enrolling_at_once_lose_nothing(tmp_path: Path) -> None:
 
 
 def test_calibration_folds_shrink_for_large_galleries(monkeypatch) -> None:
-    import mtl_edge.gallery as gallery_module
+    import mtl_edge.gallery.calibration as gallery_module
 
     g = _gallery(ways=6, shots=5)
     g.fit()

@@ -91,3 +91,9 @@ def test_wheel_with_cpu_extra_runs_without_torch(tmp_path: Path) -> None:
     assert [c["name"] for c in listing["classes"]] == ["blue", "green", "red"]
     check = "import sys, mtl_edge.enroller, mtl_edge.cli; print('torch' in sys.modules)"
     assert _ok(_run([py, "-c", check])).stdout.strip() == "False"
+    if _run([py, "-c", "import cryptography"]).returncode != 0:  # [cpu] alone: no signing
+        key = tmp_path / "some.pub"
+        key.write_text("not needed: signing is unavailable before the key is read")
+        signed = _run([cli, "predict", *common, query, "--require-signature", key])
+        assert signed.returncode == 2 and signed.stderr.count("\n") == 1, signed.stderr
+        assert "mtl-edge[sign]" in signed.stderr and "Traceback" not in signed.stderr

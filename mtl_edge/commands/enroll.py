@@ -27,6 +27,13 @@ PRECISION_OPT = typer.Option("fp32", "--precision", help=PRECISION_HELP)
 THREADS_OPT = typer.Option(None, "--threads", help="onnxruntime intra-op threads.")
 BATCH_SIZE_OPT = typer.Option(32, "--batch-size", help="Images per backbone run.")
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of text.")
+SIGNATURE_OPT = typer.Option(
+    None,
+    "--require-signature",
+    envvar="MTL_EDGE_TRUSTED_KEY",
+    metavar="PUBLIC_KEY",
+    help="Refuse a bundle that is not signed by this Ed25519 public key (PEM or ssh-ed25519).",
+)
 
 
 @contextlib.contextmanager
@@ -64,11 +71,13 @@ def open_enroller(
     precision: str,
     threads: int | None,
     batch_size: int,
+    trusted_key: Path | None = None,
     **options: Any,
 ) -> Iterator[Enroller]:
     """An `Enroller` whose feature extraction in the block drives `progress_bar(description)`.
 
-    The arguments are `Enroller`'s; `options` are its other keywords (e.g. `feature_dtype`).
+    The arguments are `Enroller`'s (`trusted_key`: --require-signature); `options` are its
+    other keywords (e.g. `feature_dtype`).
     """
     from mtl_edge.enroller import Enroller
 
@@ -81,6 +90,7 @@ def open_enroller(
             threads=threads,
             batch_size=batch_size,
             progress=progress,
+            trusted_key=trusted_key,
             **options,
         )
 
@@ -114,6 +124,7 @@ def register(app: typer.Typer, name: str) -> None:
         feature_dtype: str = typer.Option(
             "float16", "--feature-dtype", help="How a new gallery stores features: float16|float32."
         ),
+        require_signature: Path = SIGNATURE_OPT,
         as_json: bool = JSON_OPT,
     ) -> None:
         if (class_name is None) == (from_folder is None):
@@ -130,6 +141,7 @@ def register(app: typer.Typer, name: str) -> None:
             precision,
             threads,
             batch_size,
+            require_signature,
             feature_dtype=feature_dtype,
         ) as enroller:
             if class_name is not None:

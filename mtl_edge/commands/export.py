@@ -36,6 +36,7 @@ _EXPORT_ONLY = (
     "--head-steps",
     "--head-lr",
     "--head-init",
+    "--sign",
 )
 
 
@@ -160,6 +161,9 @@ def register(app: typer.Typer, name: str) -> None:
         opt_batch: int = typer.Option(8, "--opt-batch", help="TensorRT profile optimum batch."),
         max_batch: int = typer.Option(64, "--max-batch", help="TensorRT profile max batch."),
         seed: int = typer.Option(0, "--seed", help="Seed of episodes and calibration sample."),
+        sign: Path | None = typer.Option(
+            None, "--sign", metavar="KEY", help="Sign the bundle with this Ed25519 private key."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     ) -> None:
         if args[0] == "check":
@@ -188,6 +192,10 @@ def register(app: typer.Typer, name: str) -> None:
             raise ConfigError("--out BUNDLE is required: the folder to write the bundle to")
         if calib is not None and not int8:
             raise ConfigError("--calib is only used with --int8; add --int8 or drop --calib")
+        if sign is not None:  # fail before the long export: a bad key, or no cryptography
+            from mtl_edge.signing import load_private_key, sign_bundle
+
+            load_private_key(sign)
         from mtl_edge.export import api
         from mtl_edge.train.checkpoint import load_checkpoint
 
@@ -213,11 +221,15 @@ def register(app: typer.Typer, name: str) -> None:
             trt_opt_batch=opt_batch,
             trt_max_batch=max_batch,
         )
+        if sign is not None:
+            report["signature"] = {"key_id": sign_bundle(bundle.root, sign)["key_id"]}
         if as_json:
             doc = {"bundle": str(bundle.root), "model_id": bundle.model_id, "report": report}
             typer.echo(json.dumps(doc, indent=2))
         else:
             typer.echo("\n".join(export_summary(bundle, report)))
+            if sign is not None:
+                typer.echo(f"signed: key {report['signature']['key_id']} (signature.json)")
 
 
 def _run_check(path: Path, seed: int, as_json: bool) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from mtl_edge.commands.enroll import BACKEND_HELP, PRECISION_HELP, progress_bar
+from mtl_edge.commands.enroll import BACKEND_HELP, PRECISION_HELP, SIGNATURE_OPT, progress_bar
 
 GALLERY_ARG = typer.Argument(..., help="Gallery file.")
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of text.")
@@ -43,8 +43,9 @@ def register(app: typer.Typer, name: str) -> None:
         text = "\n".join(
             [
                 f"gallery: {gallery} (generation {data['generation']}, created {data['created']})",
-                f"model: {data['backbone']} {data['model_id'][:16]} "
-                f"({data['feature_dim']}-d features stored as {data['feature_dtype']})",
+                f"model: {data['backbone']} {data['model_id'][:16]}, variant "
+                f"{data['variant'] or 'not recorded'} ({data['feature_dim']}-d features stored "
+                f"as {data['feature_dtype']})",
                 f"head: {recipe['steps']} steps at lr {recipe['lr']}, init {recipe['init']} "
                 f"(used: {data['head_init']}), normalize {recipe['normalize']}",
                 f"threshold: {data['threshold']:.3f} ({data['threshold_mode']}) "
@@ -98,18 +99,34 @@ def register(app: typer.Typer, name: str) -> None:
         data = {"threshold": g.threshold, "mode": g.threshold_mode}
         _echo(as_json, data, f"threshold {g.threshold:.3f} ({g.threshold_mode})")
 
-    @sub.command("restore", help="Replace a damaged gallery with its previous good copy.")
-    def restore(gallery: Path = GALLERY_ARG, as_json: bool = JSON_OPT) -> None:
+    @sub.command(
+        "restore",
+        help=(
+            "Replace a damaged gallery with its previous good copy (the replaced file is kept "
+            "under a unique name). A healthy gallery is rolled back only with --force."
+        ),
+    )
+    def restore(
+        gallery: Path = GALLERY_ARG,
+        force: bool = typer.Option(
+            False, "--force", help="Roll back a gallery that is not damaged."
+        ),
+        as_json: bool = JSON_OPT,
+    ) -> None:
         from mtl_edge.gallery import prev_path, restore_previous
 
-        aside = restore_previous(gallery)
+        aside = restore_previous(gallery, force=force)
         text = f"restored {gallery} from {prev_path(gallery)}"
         if aside != gallery:
             text += f"; the replaced file is kept as {aside}"
         _echo(as_json, {"restored": str(gallery), "replaced_file": str(aside)}, text)
 
     @sub.command(
-        "reextract", help="Rebuild a gallery for another bundle from its stored image paths."
+        "reextract",
+        help=(
+            "Rebuild a gallery for another bundle or variant from its stored image paths (each "
+            "must still be a regular file with the sha256 stored at enrollment)."
+        ),
     )
     def reextract(
         gallery: Path = GALLERY_ARG,
@@ -119,12 +136,26 @@ def register(app: typer.Typer, name: str) -> None:
         backend: str = typer.Option("auto", "--backend", help=BACKEND_HELP),
         precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
         threads: int = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
+        require_signature: Path = SIGNATURE_OPT,
         as_json: bool = JSON_OPT,
     ) -> None:
         from mtl_edge.enroller import Enroller
 
         with progress_bar("re-extracting") as progress:
-            enroller = Enroller(bundle, gallery, backend, precision, threads, progress=progress)
+            enroller = Enroller(
+                bundle,
+                gallery,
+                backend,
+                precision,
+                threads,
+                progress=progress,
+                trusted_key=require_signature,
+            )
             count = enroller.reextract()
-        data = {"gallery": str(gallery), "images": count, "model_id": enroller.bundle.model_id}
+        data = {
+            "gallery": str(gallery),
+            "images": count,
+            "model_id": enroller.bundle.model_id,
+            "variant": enroller.variant,
+        }
         _echo(as_json, data, f"re-extracted {count} images with {bundle}")

@@ -28,7 +28,11 @@ def register(app: typer.Typer, name: str) -> None:
     ) -> None:
         with contextlib.suppress(ImportError):  # the core reads torch's state from the CLI's
             import torch  # noqa: F401
+        from mtl_edge.signing import signing_available
+
         data = {"mtl_edge": __version__, **sysinfo.collect()}
+        reason = signing_available()
+        data["signing"] = {"available": reason is None, "missing_reason": reason}
         if as_json:
             typer.echo(json.dumps(data, indent=2))
             return
@@ -41,6 +45,8 @@ def register(app: typer.Typer, name: str) -> None:
             _line("onnxruntime", data["onnxruntime"]),
             _line("tensorrt", data["tensorrt"]),
             _line("torch", data["torch"]),
+            "bundle signing: "
+            + ("Ed25519 (cryptography)" if reason is None else f"not available ({reason})"),
             f"cpu: {cpu['model']} ({cpu['cores']} usable cores)",
             f"cpu flags: {' '.join(flags) or 'none of ' + ', '.join(sysinfo.INTERESTING_FLAGS)}",
         ]

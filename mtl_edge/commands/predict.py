@@ -13,6 +13,7 @@ from mtl_edge.commands.enroll import (
     BUNDLE_OPT,
     JSON_OPT,
     PRECISION_OPT,
+    SIGNATURE_OPT,
     THREADS_OPT,
     open_enroller,
 )
@@ -40,6 +41,7 @@ def register(app: typer.Typer, name: str) -> None:
         precision: str = PRECISION_OPT,
         threads: int = THREADS_OPT,
         batch_size: int = BATCH_SIZE_OPT,
+        require_signature: Path = SIGNATURE_OPT,
         as_json: bool = JSON_OPT,
     ) -> None:
         from mtl_edge.errors import ConfigError
@@ -49,8 +51,9 @@ def register(app: typer.Typer, name: str) -> None:
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"--threshold {threshold}: use a probability in [0, 1]")
         with open_enroller(
-            "classifying", bundle, gallery, backend, precision, threads, batch_size
-        ) as enroller:
+            "classifying", bundle, gallery, backend, precision, threads, batch_size,
+            require_signature,
+        ) as enroller:  # fmt: skip
             preds = enroller.predict(images, top_k=top_k, threshold=threshold)
         if as_json:
             rows = [

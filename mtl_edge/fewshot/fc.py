@@ -25,17 +25,31 @@ mean-loss loop runs with lr x c and weight decay / c, which is the same update.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mtl_edge.errors import BundleError
+from mtl_edge.errors import BundleError, shown
 
 log = logging.getLogger(__name__)
 
 HEAD_INITS = ("zeros", "meta", "imprint")
 HEAD_LOSSES = ("mean", "sum", "tf")
+#: Bounds of a `HeadRecipe` (the paper's recipes use 10-100 steps at lr 1e-3..1e-2).
+MAX_HEAD_STEPS = 10_000
+MAX_HEAD_LR = 100.0
+MAX_WEIGHT_DECAY = 1000.0
 _EPS = 1e-12
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -60,12 +74,28 @@ class HeadRecipe:
     loss: str = "mean"
 
     def __post_init__(self) -> None:
-        if self.init not in HEAD_INITS:
-            raise BundleError(f"head.init={self.init!r}: use one of {', '.join(HEAD_INITS)}")
-        if self.loss not in HEAD_LOSSES:
-            raise BundleError(f"head.loss={self.loss!r}: use one of {', '.join(HEAD_LOSSES)}")
-        if self.steps < 0 or self.lr <= 0:
-            raise BundleError(f"head steps={self.steps}, lr={self.lr}: need steps >= 0, lr > 0")
+        # A recipe comes from manifests and galleries, which are untrusted: every field is
+        # type-checked and bounded (steps: 1e9 would hang the device).
+        if not isinstance(self.init, str) or self.init not in HEAD_INITS:
+            raise BundleError(f"head.init={shown(self.init)}: use one of {', '.join(HEAD_INITS)}")
+        if not isinstance(self.loss, str) or self.loss not in HEAD_LOSSES:
+            raise BundleError(f"head.loss={shown(self.loss)}: use one of {', '.join(HEAD_LOSSES)}")
+        if not _is_int(self.steps) or not 0 <= self.steps <= MAX_HEAD_STEPS:
+            raise BundleError(
+                f"head.steps={shown(self.steps)}: use an integer in 0..{MAX_HEAD_STEPS}"
+            )
+        if not _is_real(self.lr) or not 0 < self.lr <= MAX_HEAD_LR:
+            raise BundleError(f"head.lr={shown(self.lr)}: use a number in (0, {MAX_HEAD_LR:g}]")
+        if not _is_real(self.weight_decay) or not 0 <= self.weight_decay <= MAX_WEIGHT_DECAY:
+            raise BundleError(
+                f"head.weight_decay={shown(self.weight_decay)}: use a number in "
+                f"[0, {MAX_WEIGHT_DECAY:g}]"
+            )
+        if not isinstance(self.normalize, bool):
+            raise BundleError(f"head.normalize={shown(self.normalize)}: use true or false")
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "weight_decay", float(self.weight_decay))
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
