@@ -38,6 +38,7 @@ from mtl_edge.train.checkpoint import (
 from mtl_edge.train.config import Recipe, as_recipe
 from mtl_edge.train.gpu_data import DeviceDataset
 from mtl_edge.train.joint import JointLearner
+from mtl_edge.train.precision import resolve_precision
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import describe, open_train_split, resolve_device
 
@@ -120,13 +121,19 @@ def _train(recipe: Recipe, run: Run, final: Path) -> None:
         "decoded %s in %.1f s; training on %s", describe(split), time.perf_counter() - t0, device
     )
     backbone = create_backbone(recipe.model.backbone, **recipe.model.args).to(device)
+    prec = resolve_precision(rt.amp, rt.channels_last, device)
+    prec.model(backbone)
     learner = JointLearner(backbone, split.num_classes, cfg)
     sampler = EpisodeSampler.for_split(split, cfg.ways, cfg.shots, cfg.queries, rt.seed)
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
     for it in range(1, cfg.iterations + 1):
         first = (it - 1) * cfg.meta_batch
-        stats = learner.step(data.eval_batch, sampler.episodes(cfg.meta_batch, start=first))
+        with prec.autocast():
+            stats = learner.step(
+                lambda idx: prec.images(data.eval_batch(idx)),
+                sampler.episodes(cfg.meta_batch, start=first),
+            )
         if it % cfg.log_every == 0 or it == cfg.iterations:
             last = {"iteration": it, "seconds": round(time.perf_counter() - t0, 2), **stats}
             run.log_metrics(**last)
