@@ -54,6 +54,8 @@ class ExportOptions:
         seed: seed of the episodes, random inputs and calibration sample.
         head: overrides of the head recipe (steps, lr, init, normalize, weight_decay, loss).
         trt_opt_batch, trt_max_batch: TensorRT optimisation profile.
+        card: the model card, free-form JSON written as the manifest's "card" (what the model
+            is for, the training commands, its meta-test table, the terms of its images).
     """
 
     int8: bool = False
@@ -69,6 +71,7 @@ class ExportOptions:
     head: dict[str, Any] = field(default_factory=dict)
     trt_opt_batch: int = 8
     trt_max_batch: int = 64
+    card: dict[str, Any] | None = None
 
 
 def export_checkpoint(
@@ -92,7 +95,7 @@ def export_checkpoint(
         int8, calib, fp16, tensorrt, eval_data, seed, head: see `ExportOptions`.
         force: replace an existing `out` (atomically, only once the new bundle is complete).
         **more: further `ExportOptions` fields (calib_images, parity_episodes, quant_episodes,
-            eval_per_class, trt_opt_batch, trt_max_batch).
+            eval_per_class, trt_opt_batch, trt_max_batch, card).
 
     Returns:
         (the written and verified bundle, the export report: fuse, parity, quantization, fp16,
@@ -240,6 +243,8 @@ def _export(
             "parity": report["parity"],
             "quantization": report.get("quantization", {}),
         }
+        if opts.card is not None:
+            doc["card"] = opts.card
         bundle = write_bundle(out, manifest.json_safe(doc), files, force=force)
     if opts.tensorrt:
         report["engines"] = variants.build_engines(bundle, opts.trt_opt_batch, opts.trt_max_batch)

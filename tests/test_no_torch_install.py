@@ -89,6 +89,15 @@ def test_wheel_with_cpu_extra_runs_without_torch(tmp_path: Path) -> None:
     assert rows[0]["label"] == "green"
     listing = json.loads(_ok(_run([cli, "gallery", "list", gallery, "--json"])).stdout)
     assert [c["name"] for c in listing["classes"]] == ["blue", "green", "red"]
+    builtin = info["builtin_bundle"]
+    assert builtin["present"] == (REPO / "mtl_edge" / "bundles" / "builtin").is_dir()
+    if builtin["present"]:  # installed as package data, verified, and the default bundle
+        assert builtin["verified"] and "site-packages" in builtin["path"]
+        default = tmp_path / "default.gallery"
+        _ok(_run([cli, "enroll", "--gallery", default, "--from-folder", photos]))
+        about = json.loads(_ok(_run([cli, "gallery", "info", default, "--json"])).stdout)
+        assert about["model_id"] == builtin["model_id"]
+        _ok(_run([cli, "predict", "--gallery", default, query, "--json"]))
     check = "import sys, mtl_edge.enroller, mtl_edge.cli; print('torch' in sys.modules)"
     assert _ok(_run([py, "-c", check])).stdout.strip() == "False"
     if _run([py, "-c", "import cryptography"]).returncode != 0:  # [cpu] alone: no signing

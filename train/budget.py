@@ -253,7 +253,7 @@ def make_plan(
         clock.budget_s,
         clock.source,
         measured["step_s"],
-        unit.rstrip("s").replace("_", "-"),
+        unit.removesuffix("es" if unit.endswith("ches") else "s").replace("_", "-"),
         measured["validation_s"],
         measured["checkpoint_s"],
         epochs,

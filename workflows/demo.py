@@ -3,6 +3,9 @@
     pretrain -> meta (SS + hard tasks) -> metatest (5-way 1/5-shot, every head)
     -> export (ONNX bundle with INT8) -> device (enroll 5 held-out classes from files,
     classify the rest, on onnxruntime, FP32 and INT8)
+    -> builtin (the installed mini-cpu bundle enrolls 5 miniImageNet test classes x 5 photos
+    from the data root when present, else the synthetic test classes, and classifies other
+    photos of them: what a user gets before training anything)
 
 The first four are the pipeline's stages (`mtl_edge.workflows.pipeline`) on the `demo` recipe,
 run by the one stage runner; the device stage goes through the application API
@@ -17,6 +20,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mtl_edge.bundles import builtin_bundle
+from mtl_edge.data.folders import read_class_folders
+from mtl_edge.data.registry import data_root
+from mtl_edge.data.split import ImageSplit
 from mtl_edge.data.synthetic import write_class_folders
 from mtl_edge.enroller import Enroller
 from mtl_edge.train.config import load_recipe, recipe_source
@@ -57,30 +64,64 @@ QUICK_OVERRIDES = [
 ]
 
 
-def stage_device(ctx: StageContext) -> StageResult:
-    """Enroll 5 held-out classes from image files on onnxruntime and classify the rest."""
-    test = open_recipe_split(ctx.recipe.data, ctx.recipe.data.test_split, "RGB")
-    split = test.subset(list(range(5)), name="device")
-    shots = 5
+#: Photos per class enrolled, and classified afterwards, by the device stages.
+SHOTS = 5
+QUERIES = 20
+
+
+def _enroll_and_classify(
+    bundle: Path, split: ImageSplit, workdir: Path, queries: int | None = None
+) -> dict[str, Any]:
+    """Write SHOTS enrollment photos and up to `queries` (None: all the rest) other photos per
+    class of `split` as files, enroll them with `bundle` on onnxruntime, FP32 and INT8, and
+    classify the others (no rejection). Returns {"classes", "shots", precision: {accuracy,
+    images}}."""
     by_class = split.indices_by_class()
+    rest = [c[SHOTS:] if queries is None else c[SHOTS : SHOTS + queries] for c in by_class]
     enroll = write_class_folders(
-        split.take([i for c in by_class for i in c[:shots]], "enroll"), ctx.dir / "enroll", True
+        split.take([i for c in by_class for i in c[:SHOTS]], "enroll"), workdir / "enroll", True
     )
     query = write_class_folders(
-        split.take([i for c in by_class for i in c[shots:]], "query"), ctx.dir / "query", True
+        split.take([i for c in rest for i in c], "query"), workdir / "query", True
     )
     files = [(d.name, f) for d in sorted(query.iterdir()) for f in sorted(d.glob("*.png"))]
-    out: dict[str, Any] = {"classes": len(by_class), "shots": shots}
+    out: dict[str, Any] = {"classes": len(by_class), "shots": SHOTS}
     for precision in ("fp32", "int8-cpu"):
-        gallery = ctx.dir / f"{precision}.gallery"
-        enroller = Enroller(
-            ctx.path("export", "bundle"), gallery, backend="onnxruntime-cpu", precision=precision
-        )
+        gallery = workdir / f"{precision}.gallery"
+        enroller = Enroller(bundle, gallery, backend="onnxruntime-cpu", precision=precision)
         enroller.enroll_folder(enroll)
         preds = enroller.predict([f for _, f in files], threshold=0.0)
         hits = sum(p.label == name for (name, _), p in zip(files, preds, strict=True))
         out[precision] = {"accuracy": 100.0 * hits / len(files), "images": len(files)}
-    return StageResult(out, 2 * (len(files) + shots * len(by_class)))
+    return out
+
+
+def stage_device(ctx: StageContext) -> StageResult:
+    """Enroll 5 held-out classes from image files on onnxruntime and classify the rest."""
+    test = open_recipe_split(ctx.recipe.data, ctx.recipe.data.test_split, "RGB")
+    out = _enroll_and_classify(
+        ctx.path("export", "bundle"), test.subset(list(range(5)), name="device"), ctx.dir
+    )
+    return StageResult(out, 2 * out["fp32"]["images"] + 2 * SHOTS * out["classes"])
+
+
+def stage_builtin(ctx: StageContext) -> StageResult:
+    """The built-in bundle on real photos: 5 miniImageNet test classes x SHOTS photos enrolled
+    (the first classes and photos in name order), QUERIES other photos each classified; the
+    demo's synthetic test classes stand in where the data root has no miniImageNet."""
+    bundle = builtin_bundle()
+    if bundle is None:
+        return StageResult({"skipped": "this installation has no built-in bundle"}, 0)
+    root = data_root() / "miniimagenet" / "test"
+    if root.is_dir():
+        photos = read_class_folders(root, None, color_mode="RGB")
+        source = f"miniImageNet test photos ({root})"
+    else:
+        photos = open_recipe_split(ctx.recipe.data, ctx.recipe.data.test_split, "RGB")
+        source = "synthetic test classes (no miniImageNet under the data root)"
+    split = photos.subset(list(range(5)), name="builtin")
+    out = {"source": source, **_enroll_and_classify(bundle, split, ctx.dir, QUERIES)}
+    return StageResult(out, 2 * out["fp32"]["images"] + 2 * SHOTS * out["classes"])
 
 
 #: The demo's stages, in run order.
@@ -90,6 +131,7 @@ STAGE_FNS: dict[str, StageFn] = {
     "metatest": stage_metatest,
     "export": stage_export,
     "device": stage_device,
+    "builtin": stage_builtin,
 }
 
 
@@ -113,6 +155,7 @@ def run_demo(
         "hard_tasks": outputs["meta"].get("hard_tasks"),
         "metatest": outputs["metatest"]["results"]["with_ht"],
         "device": outputs["device"],
+        "builtin": outputs["builtin"],
         "seconds": {s: round(e["wall_s"], 1) for s, e in record["stages"].items()},
     }
 
@@ -130,6 +173,15 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"device ({precision}, onnxruntime): {d['classes']} classes enrolled from "
             f"{d['shots']} files each, {d[precision]['accuracy']:.1f} % on "
             f"{d[precision]['images']} other images"
+        )
+    b = result["builtin"]
+    if "skipped" in b:
+        lines.append(f"built-in bundle: skipped ({b['skipped']})")
+    for precision in () if "skipped" in b else ("fp32", "int8-cpu"):
+        lines.append(
+            f"built-in bundle ({precision}): {b['classes']} classes enrolled from {b['shots']} "
+            f"{b['source']} each, {b[precision]['accuracy']:.1f} % on "
+            f"{b[precision]['images']} other photos"
         )
     secs = result.get("seconds", {})
     lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in secs.items()))

@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from mtl_edge.bundles import resolve_bundle
+from mtl_edge.commands.enroll import BUNDLE_OPT
 from mtl_edge.settings import parse_options
 
 # The options of every report-writing command.
@@ -160,7 +162,7 @@ def register(app: typer.Typer, name: str) -> None:
 
     @group.command("accuracy", help="Few-shot accuracy per backend/precision, paired vs FP32.")
     def accuracy(
-        bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+        bundle: Path | None = BUNDLE_OPT,
         data: Path = typer.Option(..., "--data", help="Dataset root."),
         dataset: str = typer.Option("folders", "--dataset", help="Layout: folders."),
         split: str = typer.Option("test", "--split", help="Split sub-folder ('' for none)."),
@@ -183,7 +185,7 @@ def register(app: typer.Typer, name: str) -> None:
         from mtl_edge.bench.latency import parse_ints, parse_list
 
         cfg = acc.AccuracyConfig(
-            bundle=bundle,
+            bundle=resolve_bundle(bundle),
             data=data,
             dataset=dataset,
             split=split or None,
@@ -202,7 +204,7 @@ def register(app: typer.Typer, name: str) -> None:
 
     @group.command("enroll", help="Enrollment stage times and one-image predict latency.")
     def enroll(
-        bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+        bundle: Path | None = BUNDLE_OPT,
         images: Path = typer.Option(..., "--images", help="Folder of class folders."),
         classes: int = typer.Option(5, "--classes"),
         shots: int = typer.Option(5, "--shots"),
@@ -217,7 +219,7 @@ def register(app: typer.Typer, name: str) -> None:
         from mtl_edge.bench import enroll_bench
 
         cfg = enroll_bench.EnrollConfig(
-            bundle=bundle,
+            bundle=resolve_bundle(bundle),
             images=images,
             classes=classes,
             shots=shots,
@@ -230,7 +232,7 @@ def register(app: typer.Typer, name: str) -> None:
 
     @group.command("serve", help="Loopback load on `mtl-edge serve`, batching off and on.")
     def serve(
-        bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder."),
+        bundle: Path | None = BUNDLE_OPT,
         images: Path | None = typer.Option(None, "--images", help="Class folders of photos."),
         backend: str = typer.Option("onnxruntime-cpu", "--backend"),
         precision: str = typer.Option("int8", "--precision"),
@@ -253,7 +255,8 @@ def register(app: typer.Typer, name: str) -> None:
         from mtl_edge.bench import serve_report as sr
 
         cfg = sb.ServeBenchConfig(
-            bundle, images, backend, precision, threads, clients, duration, warmup,
+            resolve_bundle(bundle), images, backend, precision, threads, clients, duration,
+            warmup,
             enroll_interval, seed_classes=seed_classes, shots=shots, max_batch=max_batch,
             max_delay_ms=max_delay_ms,
             modes=tuple(m.strip() for m in modes.split(",") if m.strip()), rounds=rounds,

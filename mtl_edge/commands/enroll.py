@@ -20,7 +20,11 @@ BACKEND_HELP = "auto | onnxruntime | onnxruntime-cpu | onnxruntime-cuda | tensor
 PRECISION_HELP = "fp32 | fp16 | int8 | int8-cpu (int8 on the CPU runs the int8-cpu variant)."
 # The options `enroll` and `predict` share.
 BUNDLE_OPT = typer.Option(
-    ..., "--bundle", "-b", envvar="MTL_EDGE_BUNDLE", help="Model bundle folder."
+    None,
+    "--bundle",
+    "-b",
+    envvar="MTL_EDGE_BUNDLE",
+    help="Model bundle folder (default: the built-in mini-cpu bundle).",
 )
 BACKEND_OPT = typer.Option("auto", "--backend", help=BACKEND_HELP)
 PRECISION_OPT = typer.Option("fp32", "--precision", help=PRECISION_HELP)
@@ -65,7 +69,7 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None] | None
 @contextlib.contextmanager
 def open_enroller(
     description: str,
-    bundle: Path,
+    bundle: Path | None,
     gallery: Path,
     backend: str,
     precision: str,
@@ -76,14 +80,15 @@ def open_enroller(
 ) -> Iterator[Enroller]:
     """An `Enroller` whose feature extraction in the block drives `progress_bar(description)`.
 
-    The arguments are `Enroller`'s (`trusted_key`: --require-signature); `options` are its
-    other keywords (e.g. `feature_dtype`).
+    The arguments are `Enroller`'s (`bundle` None: the built-in bundle; `trusted_key`:
+    --require-signature); `options` are its other keywords (e.g. `feature_dtype`).
     """
+    from mtl_edge.bundles import resolve_bundle
     from mtl_edge.enroller import Enroller
 
     with progress_bar(description) as progress:
         yield Enroller(
-            bundle,
+            resolve_bundle(bundle),
             gallery,
             backend=backend,
             precision=precision,

@@ -37,6 +37,7 @@ _EXPORT_ONLY = (
     "--head-lr",
     "--head-init",
     "--sign",
+    "--card",
 )
 
 
@@ -127,6 +128,19 @@ def _head_overrides(steps: int | None, lr: float | None, init: str | None) -> di
     return head
 
 
+def read_card(path: Path) -> dict[str, Any]:
+    """The --card file: one JSON object (the model card the manifest carries)."""
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the model card ({e.strerror})") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: the model card is not valid JSON ({e})") from None
+    if not isinstance(card, dict):
+        raise ConfigError(f"{path}: the model card must be a JSON object {{...}}")
+    return card
+
+
 def register(app: typer.Typer, name: str) -> None:
     @app.command(name=name, help=HELP, no_args_is_help=True)
     def export(
@@ -152,6 +166,15 @@ def register(app: typer.Typer, name: str) -> None:
         ),
         eval_per_class: int = typer.Option(
             30, "--eval-per-class", min=1, help="Images per --eval class used by the checks."
+        ),
+        parity_episodes: int = typer.Option(
+            200, "--parity-episodes", min=1, help="Episodes of the ONNX vs PyTorch check."
+        ),
+        quant_episodes: int = typer.Option(
+            600, "--quant-episodes", min=1, help="Episodes of the paired INT8/FP16 vs FP32 check."
+        ),
+        card: Path | None = typer.Option(
+            None, "--card", help='Model card JSON written into the manifest ("card").'
         ),
         head_steps: int | None = typer.Option(None, "--head-steps", help="Head recipe steps."),
         head_lr: float | None = typer.Option(None, "--head-lr", help="Head recipe lr."),
@@ -218,6 +241,9 @@ def register(app: typer.Typer, name: str) -> None:
             head=_head_overrides(head_steps, head_lr, head_init),
             calib_images=calib_images,
             eval_per_class=eval_per_class,
+            parity_episodes=parity_episodes,
+            quant_episodes=quant_episodes,
+            card=None if card is None else read_card(card),
             trt_opt_batch=opt_batch,
             trt_max_batch=max_batch,
         )

@@ -21,6 +21,21 @@ def _line(name: str, entry: dict) -> str:
     return f"{name}: not available ({entry['missing_reason']})"
 
 
+def _builtin_line(entry: dict) -> str:
+    if not entry["present"]:
+        return "built-in bundle: none in this installation (pass --bundle)"
+    if not entry["verified"]:
+        return f"built-in bundle: {entry['path']} FAILS verification: {entry['error']}"
+    shape = "x".join(str(d) for d in entry["input"][1:])
+    text = (
+        f"built-in bundle: {entry['name']} ({entry['backbone']}, input {shape}, variants "
+        f"{', '.join(entry['variants'])}, model {entry['model_id'][:12]}) at {entry['path']}"
+    )
+    accuracy = entry.get("accuracy") or {}
+    shown = [f"{k} {v['mean']:.1f} +- {v['ci95']:.1f} %" for k, v in accuracy.items()]
+    return text + (f"; test accuracy {', '.join(shown)}" if shown else "")
+
+
 def register(app: typer.Typer, name: str) -> None:
     @app.command(name=name, help="Print versions, CPU model and flags, GPUs and backends.")
     def info(
@@ -28,11 +43,13 @@ def register(app: typer.Typer, name: str) -> None:
     ) -> None:
         with contextlib.suppress(ImportError):  # the core reads torch's state from the CLI's
             import torch  # noqa: F401
+        from mtl_edge.bundles import describe_builtin
         from mtl_edge.signing import signing_available
 
         data = {"mtl_edge": __version__, **sysinfo.collect()}
         reason = signing_available()
         data["signing"] = {"available": reason is None, "missing_reason": reason}
+        data["builtin_bundle"] = describe_builtin()
         if as_json:
             typer.echo(json.dumps(data, indent=2))
             return
@@ -50,6 +67,7 @@ def register(app: typer.Typer, name: str) -> None:
             f"cpu: {cpu['model']} ({cpu['cores']} usable cores)",
             f"cpu flags: {' '.join(flags) or 'none of ' + ', '.join(sysinfo.INTERESTING_FLAGS)}",
         ]
+        lines.append(_builtin_line(data["builtin_bundle"]))
         if data["gpus"]:
             for i, gpu in enumerate(data["gpus"]):
                 lines.append(

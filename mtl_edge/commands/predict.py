@@ -29,7 +29,7 @@ def register(app: typer.Typer, name: str) -> None:
     )
     def predict(
         images: list[Path] = typer.Argument(..., help="Image files to classify."),
-        bundle: Path = BUNDLE_OPT,
+        bundle: Path | None = BUNDLE_OPT,
         gallery: Path = typer.Option(
             ..., "--gallery", "-g", envvar="MTL_EDGE_GALLERY", help="Gallery file."
         ),

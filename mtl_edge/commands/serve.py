@@ -34,7 +34,7 @@ def register(app: typer.Typer, name: str) -> None:
         ),
     )
     def serve(
-        bundle: Path = BUNDLE_OPT,
+        bundle: Path | None = BUNDLE_OPT,
         gallery: Path = typer.Option(
             ..., "--gallery", "-g", envvar="MTL_EDGE_GALLERY", help="Gallery file (shared)."
         ),
@@ -72,6 +72,7 @@ def register(app: typer.Typer, name: str) -> None:
         ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="TLS private key."),
     ) -> None:
         _require_extra()
+        from mtl_edge.bundles import resolve_bundle
         from mtl_edge.errors import ConfigError
         from mtl_edge.serve.config import Batching, Limits, ServeConfig, resolve_token
         from mtl_edge.serve.server import serve as run_server
@@ -82,7 +83,7 @@ def register(app: typer.Typer, name: str) -> None:
             raise ConfigError("--ssl-certfile and --ssl-keyfile go together; give both")
         token, generated = resolve_token(host, token_file)
         config = ServeConfig(
-            bundle=bundle,
+            bundle=resolve_bundle(bundle),
             gallery=gallery,
             host=host,
             port=port,
