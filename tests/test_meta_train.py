@@ -83,7 +83,9 @@ def test_meta_needs_a_matching_checkpoint(tmp_path: Path, pretrained: Path) -> N
 def test_the_head_table_travels_with_the_checkpoint(tmp_path: Path, pretrained: Path) -> None:
     recipe = tiny() | {"head": {"init": "imprint", "lr": 0.5, "normalize": True}}
     result = meta_train(recipe, tmp_path / "meta", init=pretrained)
-    head = load_checkpoint(result["checkpoint"]).head
+    loaded = load_checkpoint(result["checkpoint"])
+    head, paper = loaded.head, loaded.paper_head
     assert (head.init, head.lr, head.normalize, head.steps) == ("imprint", 0.5, True, 5)
+    assert paper.init == "meta" and paper.steps == 5  # the paper's head: [meta] only
     rows = [json.loads(x) for x in (tmp_path / "meta" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= r["val_acc"] <= 100 for r in rows)  # validated with that head

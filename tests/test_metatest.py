@@ -32,6 +32,7 @@ class Model:
     backbone: nn.Module
     preprocess: Preprocess = CFG
     head: HeadRecipe = HeadRecipe(steps=10)
+    paper_head: HeadRecipe = HeadRecipe(steps=10, init="zeros", normalize=False)
     meta_init: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -82,6 +83,20 @@ def test_meta_test_uses_the_models_head_recipe(tiny_split, tiny_model) -> None:
     fixed = Model(tiny_model.backbone, head=HeadRecipe(steps=0, init="meta"), meta_init=init)
     res = meta_test(fixed, tiny_split, _protocol(shots=[1], heads=["mtl"]))
     assert res["results"]["1"]["mtl"]["mean"] == pytest.approx(100.0 / 3)
+
+
+def test_the_papers_head_beside_the_deploy_head(tiny_split, tiny_model) -> None:
+    """ "mtl-paper" fits the model's paper_head on the same episodes as "mtl" fits its head."""
+    init = (np.zeros((3, 8), np.float32), np.array([5.0, 0.0, 0.0], np.float32))
+    model = Model(
+        tiny_model.backbone,
+        head=HeadRecipe(steps=10, init="imprint"),
+        paper_head=HeadRecipe(steps=0, init="meta"),
+        meta_init=init,
+    )
+    res = meta_test(model, tiny_split, _protocol(shots=[1], heads=["mtl", "mtl-paper"]))
+    assert res["results"]["1"]["mtl-paper"]["mean"] == pytest.approx(100.0 / 3)
+    assert res["results"]["1"]["mtl"]["mean"] > 100.0 / 3
 
 
 def test_finetune_head_in_meta_test(tiny_split, tiny_model) -> None:

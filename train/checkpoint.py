@@ -257,6 +257,16 @@ class LoadedCheckpoint:
     raw: dict[str, Any]
 
     @property
+    def paper_head(self) -> HeadRecipe:
+        """The paper's FC base-learner of a meta checkpoint: `meta_head_recipe` of its [meta]
+        settings without the recipe's [head] table; `head` for other stages."""
+        meta = self.raw.get("meta")
+        if self.stage != "meta" or not isinstance(meta, dict):
+            return self.head
+        keys = MetaConfig.__dataclass_fields__
+        return meta_head_recipe(MetaConfig(**{k: v for k, v in meta.items() if k in keys}))
+
+    @property
     def name(self) -> str:
         """A short name for tables: the run folder of best.pt / last.pt, else the file stem."""
         return self.path.parent.name if self.path.stem in ("best", "last") else self.path.stem

@@ -37,7 +37,7 @@ from mtl_edge.train.stage_config import (
 )
 
 #: Meta-test heads: the feature heads of `mtl_edge.fewshot.heads` and the image head.
-EVAL_HEADS = ("mtl", "centroid", "centroid-euclidean", "logreg", "finetune")
+EVAL_HEADS = ("mtl", "mtl-paper", "centroid", "centroid-euclidean", "logreg", "finetune")
 
 
 @dataclass

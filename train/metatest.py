@@ -40,6 +40,7 @@ class EvalModel(Protocol):
     backbone: nn.Module
     preprocess: Preprocess
     head: HeadRecipe
+    paper_head: HeadRecipe
     meta_init: tuple[np.ndarray, np.ndarray] | None
 
 
@@ -102,8 +103,15 @@ def extract_features(
 
 def feature_heads(model: EvalModel, names: list[str]) -> dict[str, HeadFactory]:
     """Factories of the feature heads `names` ("mtl" fits the model's head recipe from its
-    meta-learned init)."""
-    return {n: feature_head(n, model.head, model.meta_init) for n in names if n != "finetune"}
+    meta-learned init, "mtl-paper" the paper's FC base-learner without the recipe's [head]
+    improvements)."""
+    factories = {}
+    for name in names:
+        if name == "mtl-paper":
+            factories[name] = feature_head("mtl", model.paper_head, model.meta_init)
+        elif name != "finetune":
+            factories[name] = feature_head(name, model.head, model.meta_init)
+    return factories
 
 
 def finetune_factory(model: EvalModel, protocol: EvalConfig) -> HeadFactory:
