@@ -21,7 +21,7 @@ import torch
 from mtl_edge.bundle import Bundle, write_bundle
 from mtl_edge.data.registry import first_per_class
 from mtl_edge.data.split import ImageSplit
-from mtl_edge.errors import DatasetError, MtlEdgeError
+from mtl_edge.errors import ConfigError, DatasetError, MtlEdgeError
 from mtl_edge.export import manifest, onnx_export, parity, quantize, variants
 from mtl_edge.export.check import synthetic_eval_split
 from mtl_edge.fewshot.heads import feature_head
@@ -41,6 +41,7 @@ class ExportOptions:
 
     Attributes:
         int8: write the "int8" (S8S8, TensorRT) and "int8-cpu" (U8S8, onnxruntime) variants.
+        int8_variants: which of the two (e.g. only "int8-cpu" for a CPU-only bundle).
         calib: folder of base-class images for calibration (class folders or flat); None uses
             the training split of the checkpoint's recipe.
         calib_images: how many calibration images to use.
@@ -59,6 +60,7 @@ class ExportOptions:
     """
 
     int8: bool = False
+    int8_variants: tuple[str, ...] = ("int8", "int8-cpu")
     calib: Path | None = None
     calib_images: int = 300
     fp16: bool = False
@@ -95,7 +97,7 @@ def export_checkpoint(
         int8, calib, fp16, tensorrt, eval_data, seed, head: see `ExportOptions`.
         force: replace an existing `out` (atomically, only once the new bundle is complete).
         **more: further `ExportOptions` fields (calib_images, parity_episodes, quant_episodes,
-            eval_per_class, trt_opt_batch, trt_max_batch, card).
+            eval_per_class, int8_variants, trt_opt_batch, trt_max_batch, card).
 
     Returns:
         (the written and verified bundle, the export report: fuse, parity, quantization, fp16,
@@ -130,6 +132,12 @@ def _preflight(out: Path, force: bool, opts: ExportOptions) -> None:
 
         import_tensorrt()
         this_gpu()
+    unknown = [v for v in opts.int8_variants if v not in quantize.VARIANTS]
+    if unknown or not opts.int8_variants:
+        raise ConfigError(
+            f"--int8-variants {','.join(opts.int8_variants)}: use some of "
+            f"{', '.join(quantize.VARIANTS)}"
+        )
     if opts.calib is not None and not Path(opts.calib).is_dir():
         raise DatasetError(f"--calib {opts.calib}: no such folder; give a folder of images")
 
@@ -216,7 +224,7 @@ def _export(
         if calib_split is not None:
             report["quantization"], int8_files, int8_entries = variants.int8_variants(
                 fp32, Path(tmp), calib_split, pre, reference, heads,
-                opts.calib_images, opts.quant_episodes, opts.seed,
+                opts.calib_images, opts.quant_episodes, opts.seed, opts.int8_variants,
             )  # fmt: skip
             files.update(int8_files)
             entries.update(int8_entries)

@@ -36,8 +36,9 @@ def int8_variants(
     calib_images: int,
     episodes: int,
     seed: int,
+    names: tuple[str, ...] = tuple(quantize.VARIANTS),
 ) -> tuple[dict[str, Any], dict[str, Path], dict[str, dict[str, Any]]]:
-    """Quantize, check and describe both INT8 files.
+    """Quantize, check and describe the INT8 files `names` (default both).
 
     Args:
         reference: (evaluation split, its preprocessed images (N, C, H, W), FP32 features).
@@ -50,7 +51,7 @@ def int8_variants(
     report: dict[str, Any] = {"calibration_data": calib_split.name}
     files: dict[str, Path] = {}
     variants: dict[str, dict[str, Any]] = {}
-    for name in quantize.VARIANTS:
+    for name in names:
         file = f"backbone.{name}.onnx"
         target = tmp / file
         log.info("quantizing %s on %d calibration images", name, len(calib))

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-OWN_RECIPES = ["demo", "omniglot-cpu", "mtl-pytorch", "mtl-tf", "mini-resnet12-gpu"]
+OWN_RECIPES = ["demo", "omniglot-cpu", "mini-cpu", "mtl-pytorch", "mtl-tf", "mini-resnet12-gpu"]
 
 
 def load_config(cls, path=None, overrides=()):  # noqa: ANN001, ANN201

@@ -14,7 +14,7 @@ from model_fixtures import FEATURE_DIM, TINY, randomize, tiny_checkpoint
 
 from mtl_edge.bundle import Bundle
 from mtl_edge.data.synthetic import make_synthetic_split, write_class_folders
-from mtl_edge.errors import BundleError, MtlEdgeError
+from mtl_edge.errors import BundleError, ConfigError, MtlEdgeError
 from mtl_edge.export import api
 from mtl_edge.export.check import check_bundle
 from mtl_edge.fewshot.fc import HeadRecipe
@@ -238,6 +238,20 @@ def test_int8_calibrates_on_the_config_split(tmp_path: Path) -> None:
     assert report["quantization"]["calibration_data"] == "synthetic/train"
     assert report["quantization"]["int8"]["settings"]["calibration_images"] == 20
     assert "int8-cpu" in bundle.variants
+
+
+def test_a_cpu_only_int8_export_writes_only_the_u8s8_variant(tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", config={})
+    calib = write_class_folders(make_synthetic_split(3, 6, 24, seed=9), tmp_path / "calib")
+    bundle, report = export(
+        ckpt, tmp_path / "o", int8=True, calib=calib, int8_variants=("int8-cpu",),
+        quant_episodes=10,
+    )  # fmt: skip
+    assert set(bundle.variants) == {"fp32", "int8-cpu"}
+    assert "int8" not in report["quantization"] and "int8-cpu" in report["quantization"]
+    assert not (bundle.root / "backbone.int8.onnx").exists()
+    with pytest.raises(ConfigError, match="--int8-variants"):
+        export(ckpt, tmp_path / "p", int8=True, calib=calib, int8_variants=("int4",))
 
 
 def test_unknown_option_is_a_type_error(tmp_path: Path) -> None:

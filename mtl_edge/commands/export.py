@@ -153,6 +153,11 @@ def register(app: typer.Typer, name: str) -> None:
         calib: Path | None = typer.Option(
             None, "--calib", help="Calibration images (class folders or flat) for --int8."
         ),
+        int8_variants: str = typer.Option(
+            "int8,int8-cpu",
+            "--int8-variants",
+            help="With --int8: int8 (S8S8, TensorRT), int8-cpu (U8S8, onnxruntime) or both.",
+        ),
         calib_images: int = typer.Option(
             300, "--calib-images", min=1, help="Calibration images to use (spread over classes)."
         ),
@@ -241,6 +246,7 @@ def register(app: typer.Typer, name: str) -> None:
             head=_head_overrides(head_steps, head_lr, head_init),
             calib_images=calib_images,
             eval_per_class=eval_per_class,
+            int8_variants=tuple(v.strip() for v in int8_variants.split(",") if v.strip()),
             parity_episodes=parity_episodes,
             quant_episodes=quant_episodes,
             card=None if card is None else read_card(card),
