@@ -2,15 +2,15 @@
 per-task loop against the batched engine (`mtl_edge.train.joint_batched`) and, on a GPU, its
 CUDA-graph replay, on synthetic images of the setting's shape.
 
-Per setting and engine: seconds per meta-iteration (`rounds` timed steps, the engines taking
-turns on the same tasks, after `warmup` steps each), the speed-up over the loop as the ratio of
-the medians measured in this one run, the operators dispatched per iteration (non-view ATen
-operators, counted with a `TorchDispatchMode`: on a GPU about one kernel launch each; a
-replayed graph counts as the operators outside it), the FLOPs an iteration does (convolutions and linear layers, forward x 3
-for a training pass) and the rate reached. Before timing, every engine takes the same `check`
-steps from the same weights on the same tasks, and the report gives the largest relative
-difference of what it learned (parameters and BatchNorm running averages moved) from the
-loop's: the engines must compute the same thing (on a GPU with TF32 off for the check).
+Per setting and engine: seconds per meta-iteration (`rounds` timed steps, the engines taking turns
+on the same tasks, after `warmup` steps each), the speed-up over the loop as the ratio of the
+medians measured in this one run, the operators dispatched per iteration (non-view ATen operators,
+counted with a `TorchDispatchMode`: on a GPU about one kernel launch each; a replayed graph counts
+as the operators outside it), the FLOPs an iteration does (convolutions and linear layers, forward x
+3 for a training pass) and the rate reached. Before timing, every engine takes the same `check`
+steps from the same weights on the same tasks, and the report gives the largest relative difference
+of what it learned (parameters and BatchNorm running averages moved) from the loop's: the engines
+must compute the same thing (on a GPU with TF32 off for the check).
 
 A report is the bench JSON envelope (`mtl_edge.bench.report`, kind "joint-speed") with
 `results.settings`, written as joint-speed.json / .md / .png.
@@ -35,8 +35,8 @@ from mtl_edge.atomicio import atomic_write_bytes, atomic_write_json
 from mtl_edge.data.episodes import EpisodeSampler
 from mtl_edge.errors import ConfigError
 from mtl_edge.train.backbones import create_backbone
-from mtl_edge.train.config import JointConfig
 from mtl_edge.train.joint import JointLearner
+from mtl_edge.train.stage_config import JointConfig
 
 KIND = "joint-speed"
 ENGINES = ("loop", "batched", "cuda-graphs")

@@ -19,7 +19,7 @@ from mtl_edge.errors import ConfigError
 
 SCHEMA = "mtl-edge.bench"
 VERSION = 1
-KINDS = ("latency", "accuracy", "enroll")
+KINDS = ("latency", "accuracy", "enroll", "train", "serve")
 
 
 def environment() -> dict[str, Any]:
@@ -252,11 +252,21 @@ def enroll_markdown(report: dict[str, Any]) -> str:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
+    """The Markdown page of a report of any kind."""
+    kind = report["kind"]
+    if kind == "train":
+        from mtl_edge.bench.train_speed import train_speed_markdown
+
+        return train_speed_markdown(report)
+    if kind == "serve":
+        from mtl_edge.bench import serve_report
+
+        return serve_report.to_markdown(report)
     return {
         "latency": latency_markdown,
         "accuracy": accuracy_markdown,
         "enroll": enroll_markdown,
-    }[report["kind"]](report)
+    }[kind](report)
 
 
 def write_outputs(report: dict[str, Any], out: Path, stem: str) -> list[Path]:

@@ -94,7 +94,7 @@ def test_save_refuses_incomplete(tmp_path: Path) -> None:
 
 
 def test_meta_deploy_head_follows_the_learner_settings() -> None:
-    from mtl_edge.train.config import MetaConfig
+    from mtl_edge.train.stage_config import MetaConfig
 
     meta = MetaConfig(test_steps=40, inner_lr=0.05, inner_weight_decay=0.001, inner_loss="tf")
     head = meta_head_recipe(meta)

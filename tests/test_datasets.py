@@ -177,6 +177,19 @@ def test_omniglot_alphabet_split(tmp_path: Path) -> None:
     assert whole.num_classes == 8
 
 
+def test_omniglot_internal_validation_excludes_the_test_alphabets(tmp_path: Path) -> None:
+    root = _omniglot(tmp_path)
+    test = {
+        n.split("/")[0] for n in open_split("omniglot", root, "val", val_alphabets=1).class_names
+    }
+    opts = {"val_alphabets": 1, "seed": 1, "exclude_alphabets": sorted(test)}
+    train = {n.split("/")[0] for n in open_split("omniglot", root, "train", **opts).class_names}
+    val = {n.split("/")[0] for n in open_split("omniglot", root, "val", **opts).class_names}
+    assert len(train) == 2 and len(val) == 1 and not (train | val) & test and not train & val
+    with pytest.raises(DatasetError, match="exclude_alphabets: unknown"):
+        open_split("omniglot", root, "train", exclude_alphabets=["Klingon"])
+
+
 def test_omniglot_rotations_are_new_classes(tmp_path: Path) -> None:
     root = _omniglot(tmp_path)
     split = open_split("omniglot", root, "background", rotations=True)

@@ -64,7 +64,7 @@ def test_device_cli_matches_training_meta_test(tmp_path: Path) -> None:
 
     loaded = load_checkpoint(checkpoint)
     load = image_loader(held_out, loaded.preprocess)
-    features = extract_features(loaded.backbone, held_out, load)
+    features = extract_features(loaded.backbone, load, len(held_out))
     head = feature_head("mtl", loaded.head, loaded.meta_init)
     training = evaluate_episodes(features, held_out.labels, episodes, {"mtl": head})
     training_accuracy = float(np.mean(training["mtl"].accuracies))

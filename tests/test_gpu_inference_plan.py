@@ -1,23 +1,29 @@
-"""Issue 20's GPU plan: plan.json against the device machine's limits, and the device-side
-script end to end on the CPU (--dry-run) with a fake wheel, a tiny bundle and a fake $OUT.
+"""Issue 20's GPU plan: plan.json and the calls derived from it against the limits of
+scripts/gpu/lease.json (the tree at its budget), and the device-side script end to end on the
+CPU (--dry-run) with a fake wheel, a tiny bundle and a fake $OUT.
 
-What the dry run proves: the parts are joined and checked, the wheel installs into its own
-folder, the FP16 variant is made, the smoke check and the benchmark run with the plan's own
-settings and write at most 8 small files. What it cannot: anything about CUDA."""
+What the dry run proves: the parts of both payloads are joined and checked, the wheel
+installs into its own folder, the bundle unpacks, the FP16 variant is made, the smoke check
+and the benchmark run with the plan's own settings and write at most 8 small
+files. What it cannot: anything about CUDA."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 from gpu_fixtures import fake_wheel, make_registry_bundle
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "scripts" / "gpu" / "inference"
@@ -36,21 +42,33 @@ def _module(name: str):
 
 
 plan_mod = _module("plan")
+parts_mod = _module("parts")
 prepare = _module("prepare")
 collect_mod = _module("collect")
 PLAN = plan_mod.load_plan()
 
 
-def test_every_call_carries_at_most_64_mib_and_the_parts_cover_the_wheel() -> None:
-    wheel, limits = PLAN["wheel"], PLAN["limits"]
-    assert wheel["part_mib"] <= limits["part_mib_max"] <= limits["call_mib"]
-    n_parts = math.ceil(wheel["bytes"] / (wheel["part_mib"] * MIB))
-    named = sorted(p for c in PLAN["calls"] for p in c.get("parts", []))
-    assert named == list(range(1, n_parts + 1))  # each part once, in some call
-    for call in PLAN["calls"]:
-        size = plan_mod.carried_bytes(PLAN, call) + PLAN["repo_bytes"]
-        assert size <= limits["call_mib"] * MIB, (call["n"], size / MIB)
-    assert prepare.repo_bytes() <= PLAN["repo_bytes"]  # what a call sends of the repo itself
+def test_every_call_fits_the_lease_with_the_tree_at_its_budget() -> None:
+    lease, calls = PLAN["lease"], plan_mod.layout(PLAN)
+    cap = plan_mod.part_bytes(PLAN)
+    assert cap == (lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB
+    assert cap <= 60 * MIB  # the issue's "parts of at most 60 MiB"
+    for call in calls:  # the tree counted at repo_mib_max, not at today's size
+        assert all(p[2] <= cap for p in call["parts"]) and sum(p[2] for p in call["parts"]) <= cap
+        sent = plan_mod.call_bytes(PLAN, call)
+        assert sent == lease["repo_mib_max"] * MIB + sum(p[2] for p in call["parts"])
+        assert sent + lease["margin_mib"] * MIB <= lease["call_mib"] * MIB, (call["n"], sent)
+        assert call["carry"] == [f"{PLAN['carry_dir']}/call{call['n']}"]
+    for name, size in plan_mod.payload_sizes(PLAN).items():  # each payload exactly once
+        got = sorted((p[1], p[2]) for c in calls for p in c["parts"] if p[0] == name)
+        assert [i for i, _ in got] == list(range(1, len(got) + 1)) and sum(
+            n for _, n in got
+        ) == size
+    total = sum(plan_mod.payload_sizes(PLAN).values())
+    assert len(calls) == math.ceil(total / cap)  # as few calls as the bytes need
+    assert [c["runs_bench"] for c in calls] == [False] * (len(calls) - 1) + [True]
+    assert "versions" in calls[0]["command"] and "compute" in calls[-1]["command"]
+    wheel = PLAN["wheel"]
     assert wheel["file"].startswith("onnxruntime_gpu-1.31.1-cp312-cp312-")
     tag = wheel["file"].removesuffix(".whl").split("-")[-1]
     args = wheel["pip_download"]
@@ -58,21 +76,64 @@ def test_every_call_carries_at_most_64_mib_and_the_parts_cover_the_wheel() -> No
     assert args[args.index("--python-version") + 1] == "3.12" and "--only-binary=:all:" in args
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 300 * MIB), min_size=1, max_size=4))
+def test_any_payload_sizes_give_calls_that_cover_them_once(sizes: list[int]) -> None:
+    named = {f"p{i}": n for i, n in enumerate(sizes)}
+    calls, cap = plan_mod.layout(PLAN, named), plan_mod.part_bytes(PLAN)
+    for name, size in named.items():
+        got = [p for c in calls for p in c["parts"] if p[0] == name]
+        assert sorted(p[1] for p in got) == list(range(1, math.ceil(size / cap) + 1))
+        assert sum(p[2] for p in got) == size
+    loads = [sum(p[2] for p in c["parts"]) for c in calls]
+    assert max(loads) <= cap and loads[-1] == min(loads)  # the compute call carries least
+    assert len(calls) <= math.ceil(sum(sizes) / cap) + len(sizes)
+
+
 def test_each_command_fits_its_timeout_and_the_plan_fits_ten_minutes() -> None:
-    limits, est = PLAN["limits"], plan_mod.estimate(PLAN)
-    for call in PLAN["calls"]:
-        assert call["timeout_s"] <= limits["command_s"]
-    compute = PLAN["calls"][-1]
-    assert compute.get("runs_bench") and compute.get("bundle")
+    lease, limits, est = PLAN["lease"], PLAN["limits"], plan_mod.estimate(PLAN)
+    calls = plan_mod.layout(PLAN)
+    for call in calls:
+        assert call["timeout_s"] <= lease["command_s"]
+    compute, bench = calls[-1], PLAN["bench"]
     before_bench = sum(PLAN["compute_steps_s"].values())
     # the benchmark's hard stop and the steps before it fit the call's timeout ...
-    assert before_bench + PLAN["bench"]["timeout_s"] + 30 <= compute["timeout_s"]
+    assert before_bench + bench["timeout_s"] + 30 <= compute["timeout_s"]
     # ... its counted work fits before its deadline, and the deadline before the hard stop
-    bench_work = sum(est["bench_s"].values())
-    assert bench_work <= PLAN["bench"]["deadline_s"] + 60
-    assert PLAN["bench"]["deadline_s"] + 60 <= PLAN["bench"]["timeout_s"]
+    assert sum(est["bench_s"].values()) <= bench["deadline_s"]
+    assert bench["deadline_s"] + 60 <= bench["timeout_s"]
     assert est["compute_command_s"] <= compute["timeout_s"]
-    assert est["total_worst_s"] <= limits["plan_device_s"] <= limits["session_device_s"]
+    assert [c["n"] for c in est["calls"]] == [c["n"] for c in calls]
+    assert all(c["sent_mib"] >= lease["repo_mib_max"] for c in est["calls"])
+    assert est["total_worst_s"] <= limits["plan_device_s"] <= lease["session_device_s"]
+    assert est["total_worst_s"] - est["total_s"] == (
+        PLAN["estimate_s"]["start_worst"] - PLAN["estimate_s"]["start"]
+    )
+
+
+def test_the_deadline_after_a_slow_chain_keeps_the_plan_in_ten_minutes() -> None:
+    est, bench = plan_mod.estimate(PLAN), PLAN["bench"]
+    on_time = sum(c["seconds"] for c in est["calls"][:-1])
+    assert plan_mod.deadline_after(PLAN, on_time) == bench["deadline_s"]  # on plan: as planned
+    compute = plan_mod.layout(PLAN)[-1]
+    before = plan_mod.call_seconds(PLAN, compute) - plan_mod.compute_seconds(PLAN)
+    before += sum(PLAN["compute_steps_s"].values())
+    after = bench["warmup_s"] + bench["min_time_s"] + bench["cost_s"]["report"]
+    for late in (30, 60, 90):
+        held = on_time + late
+        deadline = plan_mod.deadline_after(PLAN, held)
+        assert 0 < deadline < bench["deadline_s"]
+        assert held + before + deadline + after <= PLAN["limits"]["plan_device_s"]
+    assert plan_mod.deadline_after(PLAN, on_time + 300) == 0  # too late for any of it
+
+
+def test_the_documented_calls_are_the_derived_ones() -> None:
+    doc = (REPO / PLAN["doc"]).read_text()
+    for call in plan_mod.layout(PLAN):
+        row = next((line for line in doc.splitlines() if line.startswith(f"| {call['n']} |")), "")
+        assert call["command"] in row and f"timeout_s={call['timeout_s']}" in row, call["n"]
+        assert all(f"{p[0]}.part{p[1]:02d}" in row for p in call["parts"]), row
+    assert f"| {len(plan_mod.layout(PLAN)) + 1} |" not in doc
 
 
 def test_the_counted_measurements_are_what_bench_latency_parses() -> None:
@@ -85,7 +146,7 @@ def test_the_counted_measurements_are_what_bench_latency_parses() -> None:
     assert count == len(plan_mod.measurements(bench)) == plan_mod.estimate(PLAN)["measurements"]
     pairs = {(s.backend, s.precision) for s in parsed}
     assert {("onnxruntime-cuda", "fp32"), ("onnxruntime-cuda", "fp16")} <= pairs
-    assert {s.backend for s in parsed} >= {"torch-cuda", "torch-cuda-graphs", "torch-compile"}
+    assert {s.backend for s in parsed} >= {"torch-cuda", "torch-cuda-graphs"}
     assert {m for s in parsed if s.backend == "onnxruntime-cuda" for m in s.modes} == {
         "compute",
         "copies",
@@ -119,18 +180,34 @@ def tiny_registry_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def staged(tmp_path: Path, tiny_registry_bundle: Path) -> dict:
-    calls = [{"n": 1, "parts": [1]}, {"n": 2, "parts": [2]}, {"n": 3, "parts": [3]}]
-    wheel = fake_wheel(tmp_path, int(2.5 * MIB))
+    """A fake 2.5 MiB wheel and the tiny bundle, staged under a lease shrunk to 1 MiB parts:
+    calls 1 and 2 carry wheel parts 1 and 2, call 3 wheel part 3 and the bundle."""
+    payloads = {
+        "wheel": fake_wheel(tmp_path, int(2.5 * MIB)),
+        "bundle": prepare.stage_bundle(tiny_registry_bundle, tmp_path / "payload"),
+    }
+    plan = {
+        **PLAN,
+        "lease": {**PLAN["lease"], "call_mib": 3, "repo_mib_max": 1, "margin_mib": 1},
+        "wheel": {**PLAN["wheel"], "bytes": payloads["wheel"].stat().st_size},
+        "bundle": {**PLAN["bundle"], "tar_bytes": payloads["bundle"].stat().st_size},
+    }
     dest = tmp_path / "carry"
-    manifest = prepare.split(wheel, dest, 1, calls)
-    prepare.stage_bundle(tiny_registry_bundle, dest / "call3")
+    manifest = prepare.stage(plan, payloads, dest)
     env = {
         **os.environ,
         "PYTHON": sys.executable,
         "OUT": str(tmp_path / "out"),
         "MTL_EDGE_ORT_STORE": str(tmp_path / "store"),
     }
-    return {"dest": dest, "env": env, "manifest": manifest, "tmp": tmp_path}
+    return {
+        "dest": dest,
+        "env": env,
+        "manifest": manifest,
+        "payloads": payloads,
+        "plan": plan,
+        "tmp": tmp_path,
+    }
 
 
 def _device(staged: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -144,17 +221,32 @@ def _device(staged: dict, *args: str, timeout: int = 600) -> subprocess.Complete
     )
 
 
-def test_split_parts_rejoin_to_the_wheel(staged: dict) -> None:
-    m, dest = staged["manifest"], staged["dest"]
-    assert [p["file"] for p in m["parts"]] == ["ort-gpu.part01", "ort-gpu.part02", "ort-gpu.part03"]
-    parts = [dest / f"call{i}" / p["file"] for i, p in enumerate(m["parts"], 1)]
-    joined = b"".join(p.read_bytes() for p in parts)
-    assert hashlib.sha256(joined).hexdigest() == m["sha256"] and len(joined) == m["bytes"]
-    assert all(p["bytes"] <= MIB for p in m["parts"])
+def test_staged_parts_rejoin_to_each_payload(staged: dict) -> None:
+    dest, manifest = staged["dest"], staged["manifest"]
+    assert sorted(p.name for p in dest.glob("call*")) == ["call1", "call2", "call3"]
+    assert sorted(p.name for p in (dest / "call3").iterdir()) == [
+        "MANIFEST.json",
+        "bundle.part01",
+        "wheel.part03",
+    ]
+    for entry in manifest["payloads"]:
+        parts = [next(dest.glob(f"call*/{p['file']}")) for p in entry["parts"]]
+        joined = b"".join(p.read_bytes() for p in parts)
+        assert joined == staged["payloads"][entry["name"]].read_bytes()
+        assert hashlib.sha256(joined).hexdigest() == entry["sha256"]
+        assert all(p.stat().st_size <= MIB for p in parts)
+    for folder in dest.glob("call*"):  # every call brings the whole manifest
+        assert json.loads((folder / "MANIFEST.json").read_text()) == manifest
+
+
+def test_staging_sizes_that_plan_other_calls_is_refused(staged: dict) -> None:
+    plan = {**staged["plan"], "bundle": {**staged["plan"]["bundle"], "tar_bytes": 2 * MIB}}
+    with pytest.raises(SystemExit, match="bundle.tar_bytes"):
+        prepare.stage(plan, staged["payloads"], staged["tmp"] / "other")
 
 
 def test_a_damaged_or_missing_part_stops_early(staged: dict) -> None:
-    part = staged["dest"] / "call2" / "ort-gpu.part02"
+    part = staged["dest"] / "call2" / "wheel.part02"
     good = part.read_bytes()
     part.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
     res = _device(staged, "receive", str(staged["dest"] / "call2"))
@@ -162,9 +254,31 @@ def test_a_damaged_or_missing_part_stops_early(staged: dict) -> None:
     part.write_bytes(good)
     assert _device(staged, "receive", str(staged["dest"] / "call1")).returncode == 0
     res = _device(staged, "compute", str(staged["dest"] / "call3"), "--dry-run")
-    assert res.returncode != 0 and "missing ort-gpu.part02" in res.stdout + res.stderr
+    assert res.returncode != 0 and "missing wheel.part02" in res.stdout + res.stderr
     steps = json.loads((Path(staged["env"]["OUT"]) / "steps.json").read_text())
     assert steps["rc"] != 0 and "bench" not in steps
+
+
+def test_a_part_changed_in_the_store_fails_the_join(staged: dict) -> None:
+    store = staged["tmp"] / "store"
+    for n in (1, 2, 3):
+        parts_mod.receive(store, staged["dest"] / f"call{n}")
+    assert parts_mod.join(store, "bundle").read_bytes() == staged["payloads"]["bundle"].read_bytes()
+    (store / "parts" / "wheel.part01").write_bytes(b"not the part")
+    with pytest.raises(parts_mod.PartError, match="joined sha256"):
+        parts_mod.join(store, "wheel")
+    assert not (store / PLAN["wheel"]["file"]).exists()
+
+
+def test_a_bundle_tar_reaching_outside_its_folder_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(parts_mod.PartError, match="bad.tar"):
+        parts_mod.unpack(bad, tmp_path / "bundle")
+    assert not (tmp_path / "outside.txt").exists()
 
 
 @pytest.mark.slow
@@ -172,14 +286,14 @@ def test_the_compute_call_runs_end_to_end_on_the_cpu(staged: dict) -> None:
     for n in (1, 2):
         res = _device(staged, "receive", str(staged["dest"] / f"call{n}"))
         assert res.returncode == 0, res.stderr
-    assert "parts 01,02 of 3 here, sha256 ok" in res.stdout
+    assert "parts here: wheel 1,2 of 3; bundle none of 1; sha256 ok" in res.stdout
     res = _device(staged, "compute", str(staged["dest"] / "call3"), "--dry-run")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = Path(staged["env"]["OUT"])
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    assert len(files) <= PLAN["limits"]["files_back"]
+    assert len(files) <= PLAN["lease"]["files_back"]
     for f in files:  # what comes back: small files, at most 2 folders down, plain names
-        assert f.stat().st_size <= PLAN["limits"]["file_mib"] * MIB
+        assert f.stat().st_size <= PLAN["lease"]["file_mib"] * MIB
         assert len(f.relative_to(out).parts) <= 3 and all(c.isalnum() or c in "._-" for c in f.name)
     assert {f.name for f in files} >= {"latency.json", "latency.md", "latency.png", "smoke.json"}
     site = Path(staged["env"]["MTL_EDGE_ORT_STORE"]) / "site"
@@ -199,6 +313,7 @@ def test_the_compute_call_runs_end_to_end_on_the_cpu(staged: dict) -> None:
     collect_mod.REPO = staged["tmp"] / "repo"  # collect into a scratch tree, not this repo
     dest = collect_mod.collect(PLAN, out)
     kept = {p.name for p in dest.iterdir()}
-    assert {"latency.json", "latency.png", "versions.txt", "plan.json", "commands.md"} <= kept
+    assert {"latency.json", "latency.png", "versions.txt", "plan.json", "lease.json"} <= kept
     commands = (dest / "commands.md").read_text()
-    assert all(c["command"] in commands for c in PLAN["calls"]) and "Measured steps" in commands
+    assert all(c["command"] in commands for c in plan_mod.layout(PLAN))
+    assert "Measured steps" in commands and "commands.md" in kept

@@ -9,7 +9,6 @@ import torch
 
 from mtl_edge.data.episodes import EpisodeSampler
 from mtl_edge.errors import ConfigError, DatasetError
-from mtl_edge.train.config import HardTaskConfig
 from mtl_edge.train.hard_tasks import (
     HardTaskMiner,
     class_ranking,
@@ -18,6 +17,7 @@ from mtl_edge.train.hard_tasks import (
     per_class_accuracy,
 )
 from mtl_edge.train.meta_transfer import TaskStats
+from mtl_edge.train.stage_config import HardTaskConfig
 
 
 def _logits_for(pred: list[int], ways: int) -> torch.Tensor:

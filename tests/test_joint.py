@@ -12,7 +12,6 @@ from torch import nn
 
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.errors import ConfigError, DatasetError
-from mtl_edge.train.config import JointConfig
 from mtl_edge.train.joint import (
     JointLearner,
     all_indices,
@@ -24,6 +23,7 @@ from mtl_edge.train.joint import (
     reptile_gradient,
     support_labels,
 )
+from mtl_edge.train.stage_config import JointConfig
 
 
 class Toy(nn.Module):

@@ -20,7 +20,6 @@ from torch.utils._pytree import tree_leaves
 from mtl_edge.data.episodes import Episode, EpisodeSampler
 from mtl_edge.errors import ConfigError
 from mtl_edge.train.backbones import Backbone, create_backbone
-from mtl_edge.train.config import JointConfig
 from mtl_edge.train.joint import JointLearner, maml_gradient, reptile_gradient
 from mtl_edge.train.joint_batched import (
     Batched,
@@ -30,6 +29,7 @@ from mtl_edge.train.joint_batched import (
     grouped_twin,
 )
 from mtl_edge.train.joint_graphs import GraphedGradients
+from mtl_edge.train.stage_config import JointConfig
 
 VARIANTS = [  # (meta, head_init, second_order)
     ("reptile", "zero", False),

@@ -78,3 +78,12 @@ def test_meta_needs_a_matching_checkpoint(tmp_path: Path, pretrained: Path) -> N
         meta_train(other, tmp_path, init=pretrained)
     with pytest.raises(ConfigError, match="inner_loss"):
         meta_train(tiny(inner_loss="median"), tmp_path, init=pretrained)
+
+
+def test_the_head_table_travels_with_the_checkpoint(tmp_path: Path, pretrained: Path) -> None:
+    recipe = tiny() | {"head": {"init": "imprint", "lr": 0.5, "normalize": True}}
+    result = meta_train(recipe, tmp_path / "meta", init=pretrained)
+    head = load_checkpoint(result["checkpoint"]).head
+    assert (head.init, head.lr, head.normalize, head.steps) == ("imprint", 0.5, True, 5)
+    rows = [json.loads(x) for x in (tmp_path / "meta" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["val_acc"] <= 100 for r in rows)  # validated with that head

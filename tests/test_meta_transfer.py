@@ -14,7 +14,6 @@ from mtl_edge.data.episodes import EpisodeSampler
 from mtl_edge.errors import ConfigError
 from mtl_edge.settings import from_dict
 from mtl_edge.train.backbones import create_backbone
-from mtl_edge.train.config import MetaConfig
 from mtl_edge.train.meta_transfer import (
     MetaTransferLearner,
     Task,
@@ -22,6 +21,7 @@ from mtl_edge.train.meta_transfer import (
     learner_from_parts,
 )
 from mtl_edge.train.ss import ss_modules
+from mtl_edge.train.stage_config import MetaConfig
 
 WAYS, SHOTS, QUERIES = 3, 2, 3
 

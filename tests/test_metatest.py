@@ -53,7 +53,7 @@ def _protocol(**kw) -> EvalConfig:
 
 def test_extract_features_matches_direct_forward(tiny_split, tiny_model) -> None:
     load = image_loader(tiny_split, CFG)
-    feats = extract_features(tiny_model.backbone, tiny_split, load, batch_size=5)
+    feats = extract_features(tiny_model.backbone, load, len(tiny_split), batch_size=5)
     assert feats.shape == (len(tiny_split), 8) and feats.dtype == np.float32
     x = torch.from_numpy(preprocess_image(tiny_split.image(7), CFG))[None]
     with torch.no_grad():
@@ -117,14 +117,14 @@ def test_cuda_without_cuda_is_one_clear_error(tiny_split, tiny_model) -> None:
 
     load = image_loader(tiny_split, CFG)
     with pytest.raises(UnavailableError, match="CUDA"):
-        extract_features(tiny_model.backbone, tiny_split, load, device="cuda")
+        extract_features(tiny_model.backbone, load, len(tiny_split), device="cuda")
 
 
 def test_episodes_are_the_samplers(tiny_split, tiny_model) -> None:
     """Meta-test's episodes for (ways, shots, queries, seed) are the sampler's 0..n-1."""
     protocol = _protocol(shots=[2], heads=["centroid"], episodes=3)
     load = image_loader(tiny_split, CFG)
-    feats = extract_features(tiny_model.backbone, tiny_split, load)
+    feats = extract_features(tiny_model.backbone, load, len(tiny_split))
     res = meta_test(tiny_model, tiny_split, protocol, features=feats)
     from mtl_edge.fewshot.evaluate import evaluate_episodes
     from mtl_edge.fewshot.heads import CentroidHead

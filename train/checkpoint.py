@@ -39,8 +39,9 @@ from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.sysinfo import git_commit
 from mtl_edge.train.backbones import create_backbone
-from mtl_edge.train.config import JointConfig, MetaConfig
+from mtl_edge.train.config import HeadConfig
 from mtl_edge.train.ss import convert_to_ss
+from mtl_edge.train.stage_config import JointConfig, MetaConfig
 
 FORMAT = "mtl-edge.checkpoint"
 VERSION = 2
@@ -56,17 +57,21 @@ class CheckpointError(MtlEdgeError):
 # The deploy section
 
 
-def meta_head_recipe(meta: MetaConfig) -> HeadRecipe:
+def meta_head_recipe(meta: MetaConfig, head: HeadConfig | None = None) -> HeadRecipe:
     """The head meta-test and the device fit after meta-training: T = test_steps at inner_lr
-    from the meta-learned init, with the meta-training loss reduction."""
-    return HeadRecipe(
-        steps=meta.test_steps,
-        lr=meta.inner_lr,
-        init="meta",
-        normalize=meta.normalize,
-        weight_decay=meta.inner_weight_decay,
-        loss=meta.inner_loss,
-    )
+    from the meta-learned init, with the meta-training loss reduction; the keys the recipe's
+    [head] table sets replace those."""
+    recipe = {
+        "steps": meta.test_steps,
+        "lr": meta.inner_lr,
+        "init": "meta",
+        "normalize": meta.normalize,
+        "weight_decay": meta.inner_weight_decay,
+        "loss": meta.inner_loss,
+    }
+    if head is not None:
+        recipe |= {k: v for k, v in asdict(head).items() if v is not None}
+    return HeadRecipe(**recipe)
 
 
 def joint_adapt(cfg: JointConfig) -> dict[str, Any]:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.config import TASK_HEAD_INITS
 from mtl_edge.train.joint import initial_head
 from mtl_edge.train.ss import revert_ss
+from mtl_edge.train.stage_config import TASK_HEAD_INITS
 
 BN_MODES = ("eval", "train")
 #: Images per forward pass when classifying the query set.

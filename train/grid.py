@@ -40,10 +40,10 @@ from mtl_edge.fewshot.evaluate import EvalResult, evaluate_episodes
 from mtl_edge.fewshot.heads import HeadFactory, feature_head
 from mtl_edge.settings import apply_overrides, from_dict
 from mtl_edge.train.checkpoint import LoadedCheckpoint, load_checkpoint
-from mtl_edge.train.config import TASK_HEAD_INITS
 from mtl_edge.train.finetune import FinetuneHead
 from mtl_edge.train.gpu_data import DeviceDataset
 from mtl_edge.train.metatest import EvalModel, extract_features
+from mtl_edge.train.stage_config import TASK_HEAD_INITS
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,9 @@ def evaluate_grid(
         backbone = m.model.backbone.to(device)
         inputs: Any = data.eval_batch
         if m.adapt.kind in FEATURE_KINDS:
-            inputs = extract_features(backbone, split, data.eval_batch, 500, device)
+            inputs = extract_features(
+                backbone, data.eval_batch, len(split), 500, device, split.name
+            )
         for s in runnable:
             res = evaluate_episodes(
                 inputs,

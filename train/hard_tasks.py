@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from mtl_edge.data.episodes import Episode, EpisodeSampler
-from mtl_edge.train.config import HardTaskConfig
+from mtl_edge.train.stage_config import HardTaskConfig
 
 
 def per_class_accuracy(query_logits: torch.Tensor, query_y: torch.Tensor, ways: int) -> np.ndarray:

@@ -37,9 +37,9 @@ from torch.func import functional_call
 
 from mtl_edge.data.episodes import Episode
 from mtl_edge.errors import ConfigError
-from mtl_edge.train.config import JointConfig
 from mtl_edge.train.joint_batched import Batched, TaskBatch, batch_reason
 from mtl_edge.train.joint_graphs import GraphedGradients
+from mtl_edge.train.stage_config import JointConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ def prototype_head(
     Returns:
         weight (ways, D) = 2 * class means, bias (ways,) = -||class mean||^2, so that the logits
         equal -||f - mean_c||^2 up to a per-image constant. Differentiable in `features`.
+        At least float32 even from bf16 features (autocast): the head adapts in FP32.
     """
+    features = features.to(torch.promote_types(features.dtype, torch.float32))
     sums = torch.zeros(ways, features.shape[1], dtype=features.dtype, device=features.device)
     sums = sums.index_add(0, labels, features)
     counts = torch.bincount(labels, minlength=ways).clamp(min=1).to(features.dtype)

@@ -47,7 +47,7 @@ from torch.func import functional_call
 
 from mtl_edge.data.episodes import Episode
 from mtl_edge.train.backbones import Backbone
-from mtl_edge.train.config import JointConfig
+from mtl_edge.train.stage_config import JointConfig
 
 Params = dict[str, torch.Tensor]
 Head = tuple[torch.Tensor, torch.Tensor]

@@ -38,6 +38,7 @@ from mtl_edge.train.checkpoint import (
 from mtl_edge.train.config import Recipe, as_recipe
 from mtl_edge.train.gpu_data import DeviceDataset
 from mtl_edge.train.joint import JointLearner
+from mtl_edge.train.precision import resolve_precision
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import describe, open_train_split, resolve_device
 
@@ -129,6 +130,8 @@ def _train(recipe: Recipe, run: Run, final: Path, time_limit_s: float) -> None:
         "decoded %s in %.1f s; training on %s", describe(split), time.perf_counter() - t0, device
     )
     backbone = create_backbone(recipe.model.backbone, **recipe.model.args).to(device)
+    prec = resolve_precision(rt.amp, rt.channels_last, device)
+    prec.model(backbone)
     learner = JointLearner(backbone, split.num_classes, cfg)
     log.info("%s: %s engine", cfg.method, learner.engine)
     sampler = EpisodeSampler.for_split(split, cfg.ways, cfg.shots, cfg.queries, rt.seed)
@@ -140,7 +143,8 @@ def _train(recipe: Recipe, run: Run, final: Path, time_limit_s: float) -> None:
         final_it = it == cfg.iterations or out_of_time
         logged = it % cfg.log_every == 0 or final_it
         tasks = sampler.episodes(cfg.meta_batch, start=first)
-        stats = learner.step(data.eval_batch, tasks, stats=logged)
+        with prec.autocast():
+            stats = learner.step(lambda idx: prec.images(data.eval_batch(idx)), tasks, logged)
         if logged:
             last = {"iteration": it, "seconds": round(time.perf_counter() - t0, 2), **stats}
             last |= {"engine": learner.engine} | ({"stopped": "time limit"} if out_of_time else {})

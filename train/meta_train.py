@@ -29,9 +29,11 @@ from mtl_edge.data.episodes import EpisodeSampler
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError
 from mtl_edge.fewshot.evaluate import evaluate_episodes
+from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.fewshot.heads import feature_head
 from mtl_edge.preprocess import Preprocess
 from mtl_edge.settings import config_to_dict
+from mtl_edge.train import budget as budget_mod
 from mtl_edge.train.checkpoint import (
     CheckpointError,
     meta_head_recipe,
@@ -47,7 +49,8 @@ from mtl_edge.train.meta_transfer import (
     TaskBuilder,
     learner_from_parts,
 )
-from mtl_edge.train.pretrain import features_of
+from mtl_edge.train.metatest import extract_features
+from mtl_edge.train.precision import resolve_precision
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import (
     describe,
@@ -93,6 +96,15 @@ def init_learner(cfg: Recipe, init: str | Path) -> tuple[MetaTransferLearner, Pr
     return learner, Preprocess.from_dict(dict(ckpt["preprocess"]))
 
 
+def deploy_heads(learner: MetaTransferLearner, head: HeadRecipe) -> dict[str, Any]:
+    """{"mtl": the feature head of recipe `head` from the learner's current FC init}."""
+    meta_init = (
+        learner.fc_weight.detach().cpu().numpy(),
+        learner.fc_bias.detach().cpu().numpy(),
+    )
+    return {"mtl": feature_head("mtl", head, meta_init)}
+
+
 def validate(
     learner: MetaTransferLearner,
     data: DeviceDataset,
@@ -100,17 +112,15 @@ def validate(
     sampler: EpisodeSampler,
     episodes: int,
     device: torch.device,
+    head: HeadRecipe,
 ) -> tuple[float, float]:
-    """Mean and 95% interval (percent) of the MTL head as meta-test runs it (the learner's
-    head recipe from its meta-learned init) over the sampler's first `episodes` episodes, on
+    """Mean and 95% interval (percent) of the deploy head `head` (from the learner's
+    meta-learned init, as meta-test runs it) over the sampler's first `episodes` episodes, on
     features of the frozen SS encoder."""
-    feats = features_of(learner.encoder, data, device)
-    meta_init = (
-        learner.fc_weight.detach().cpu().numpy(),
-        learner.fc_bias.detach().cpu().numpy(),
-    )
-    head = feature_head("mtl", meta_head_recipe(learner.settings), meta_init)
-    res = evaluate_episodes(feats, split.labels, sampler.episodes(episodes), {"mtl": head})
+    with learner.autocast():  # the training precision; the meta-test runs in FP32
+        feats = extract_features(learner.encoder, data.eval_batch, len(data), 256, device)
+    heads = deploy_heads(learner, head)
+    res = evaluate_episodes(feats, split.labels, sampler.episodes(episodes), heads)
     return res["mtl"].mean, res["mtl"].ci95
 
 
@@ -120,11 +130,15 @@ def meta_train(
     init: str | Path | None = None,
     resume: bool = False,
     source: str = "recipe",
+    time_budget: str | None = None,
 ) -> dict[str, Any]:
     """Run phase 2 into the run folder `out`.
 
     Args:
         init: the pre-training checkpoint (default: meta.pretrained of the recipe).
+        time_budget: this stage's wall-time budget ("30m"; else the recipe's share of
+            runtime.time_budget, if any), shared equally by the HT and no-HT learners: the
+            meta-batches per epoch are planned (`mtl_edge.train.budget`), see RUN/budget.json.
 
     Returns:
         {"checkpoint": best.pt, "last": last.pt, "images": task images processed,
@@ -132,28 +146,43 @@ def meta_train(
          when `meta.also_without_ht`}.
     """
     cfg = as_recipe(config, source)
+    clock = budget_mod.StageClock.start(cfg, "meta", time_budget)
     init = init or cfg.meta.pretrained
     if not init:
         raise ConfigError(
             "meta.pretrained is empty: pass the pre-training checkpoint, e.g. --set "
             "meta.pretrained=RUN/best.pt"
         )
-    result = _train_one(cfg, Path(out), Path(init), cfg.meta.hard_tasks, resume)
-    if cfg.meta.also_without_ht and cfg.meta.hard_tasks:
-        other = _train_one(cfg, Path(out) / WITHOUT_HT, Path(init), False, resume)
+    twin = cfg.meta.also_without_ht and cfg.meta.hard_tasks
+    result = _train_one(
+        cfg, Path(out), Path(init), cfg.meta.hard_tasks, resume, clock.part(2 if twin else 1)
+    )
+    if twin:
+        other = _train_one(cfg, Path(out) / WITHOUT_HT, Path(init), False, resume, clock.part(1))
         result["checkpoints"] = {WITHOUT_HT: other["checkpoint"]}
         result["images"] += other["images"]
     return result
 
 
-def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -> dict[str, Any]:
+def _train_one(
+    cfg: Recipe,
+    out: Path,
+    init: Path,
+    use_ht: bool,
+    resume: bool,
+    clock: budget_mod.StageClock,
+) -> dict[str, Any]:
     m, rt = cfg.meta, cfg.runtime
     device = resolve_device(rt)
     if rt.threads:
         torch.set_num_threads(rt.threads)
     seed_everything(rt.seed)
     learner, preprocess = init_learner(cfg, init)
+    deploy_head = meta_head_recipe(learner.settings, cfg.head)
     learner.to(device)
+    prec = resolve_precision(rt.amp, rt.channels_last, device)
+    learner.autocast = prec.autocast  # the encoder's forward passes; the FC inner loop is FP32
+    prec.model(learner.encoder)
     run = Run.open(out, cfg, rt.seed, resume, "meta" + ("" if use_ht else " (no HT)"))
     train_split = open_train_split(cfg.data, preprocess.color_mode)
     train_split.require(m.ways, m.shots + m.queries)
@@ -164,11 +193,29 @@ def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -
         val_split.require(m.ways, val_shots + m.queries)
     bars = show_progress(rt)
     train_data = load_split(train_split, preprocess, device, bars)
+    train_data.channels_last = prec.channels_last
     val_data = load_split(val_split, preprocess, device, bars) if val_split else None
     run.record_split("train", train_split.name, train_split.fingerprint(), len(train_split))
     if val_split is not None:
         run.record_split("val", val_split.name, val_split.fingerprint(), len(val_split))
     log.info("meta-training (%s) on %s", "HT" if use_ht else "no HT", describe(train_split))
+    plan = None
+    if clock.enabled and resume and (out / "last.pt").is_file():
+        cfg, plan = budget_mod.resumed_plan(clock, cfg, out)
+    elif clock.enabled:
+        cfg, plan = _plan(
+            cfg,
+            clock,
+            out,
+            learner,
+            deploy_head,
+            train_split,
+            train_data,
+            val_data,
+            val_split,
+            use_ht,
+        )
+    m = cfg.meta
 
     optimizer = learner.make_optimizer(m.ss_lr, m.fc_lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=m.lr_step, gamma=m.lr_gamma)
@@ -202,6 +249,7 @@ def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -
             miner.stats = HardTaskStats(**state["hard_task_stats"])
         log.info("resuming meta-training at epoch %d", start_epoch)
     per_task = m.ways * (m.shots + m.queries)
+    epoch = start_epoch - 1  # the last epoch run, for the budget record
     with progress_bar(bars) as progress:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
@@ -209,6 +257,8 @@ def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -
             task = progress.add_task(f"meta {epoch + 1}/{epochs}", total=n_batches, info="")
             losses, accs, hard_accs = [], [], []
             for b in range(n_batches):
+                if plan is not None and plan.must_stop():
+                    break
                 first = (epoch * m.epoch_length + b) * m.meta_batch
                 tasks = [build(sampler.episode(first + j)) for j in range(m.meta_batch)]
                 stats = learner.meta_step(tasks, optimizer)
@@ -249,7 +299,7 @@ def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -
             if val_sampler is not None:
                 assert val_data is not None and val_split is not None
                 acc, ci = validate(
-                    learner, val_data, val_split, val_sampler, m.val_episodes, device
+                    learner, val_data, val_split, val_sampler, m.val_episodes, device, deploy_head
                 )
                 row |= {"val_acc": acc, "val_ci95": ci}
                 improved = acc > best
@@ -263,7 +313,7 @@ def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -
                 row["train_acc"],
                 f" val {row['val_acc']:.2f}%" if "val_acc" in row else "",
             )
-            parts = learner.checkpoint_parts()
+            parts = learner.checkpoint_parts(deploy_head)
             parts["model_args"]["ss_shortcut"] = m.ss_shortcut
             metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and v is not None}
             ckpt = parts | {
@@ -289,6 +339,10 @@ def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -
                     k: v for k, v in miner.stats.to_dict().items() if not k.endswith("accuracy")
                 }
             save_checkpoint(last_path, ckpt | extra)
+            if plan is not None and plan.stopped:
+                break
+    if plan is not None:
+        plan.finish(epochs_run=epoch + 1 - start_epoch, best_val=best if best >= 0 else None)
     return {
         "checkpoint": str(best_path),
         "last": str(last_path),
@@ -296,3 +350,46 @@ def _train_one(cfg: Recipe, out: Path, init: Path, use_ht: bool, resume: bool) -
         "best_val": best if best >= 0 else None,
         "hard_tasks": miner.stats.to_dict() if miner is not None else None,
     }
+
+
+def _plan(
+    cfg: Recipe,
+    clock: budget_mod.StageClock,
+    out: Path,
+    learner: MetaTransferLearner,
+    head: HeadRecipe,
+    train_split: ImageSplit,
+    train_data: DeviceDataset,
+    val_data: DeviceDataset | None,
+    val_split: ImageSplit | None,
+    use_ht: bool,
+) -> tuple[Recipe, budget_mod.Plan]:
+    """The time-budget plan of one learner: meta-batches timed on a copy of the learner (with
+    a generator of its own, so the run's draws do not change), validation estimated."""
+    m, device = cfg.meta, next(learner.parameters()).device
+    gen = make_generator(cfg.runtime.seed + 1, train_data.device)
+    build = TaskBuilder(
+        episode_loader(train_data, device, gen, make_augment((0.25, 1.0), m.augment)), device
+    )
+    sampler = EpisodeSampler.for_split(
+        train_split, m.ways, m.shots, m.queries, cfg.runtime.seed + 1
+    )
+
+    def probe(lrn: MetaTransferLearner, opt: torch.optim.Optimizer) -> None:
+        lrn.meta_step([build(sampler.episode(j)) for j in range(m.meta_batch)], opt)
+
+    val_s = 0.0
+    if val_data is not None and val_split is not None:
+        val_sampler = EpisodeSampler.for_split(
+            val_split, m.ways, m.val_shots or m.shots, m.queries, cfg.runtime.seed
+        )
+        heads = deploy_heads(learner, head)
+        val_s = budget_mod.validation_seconds(
+            learner.encoder,
+            val_data,
+            device,
+            learner.autocast,
+            lambda f, k: evaluate_episodes(f, val_split.labels, val_sampler.episodes(k), heads),
+            m.val_episodes,
+        )
+    return budget_mod.plan_meta(clock, cfg, out, learner, probe, val_s, use_ht)

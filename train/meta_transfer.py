@@ -10,6 +10,7 @@ on SS (and BN affine when `bn_mode="train"`) and the FC initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -22,11 +23,10 @@ from torch import nn
 
 from mtl_edge.data.episodes import Episode
 from mtl_edge.errors import ConfigError
-from mtl_edge.fewshot.fc import loss_scale
+from mtl_edge.fewshot.fc import HeadRecipe, loss_scale
 from mtl_edge.train.backbones import create_backbone
 from mtl_edge.train.base_learner import fc_logits, inner_loop
 from mtl_edge.train.checkpoint import deploy_section, meta_entry, meta_head_recipe
-from mtl_edge.train.config import MetaConfig
 from mtl_edge.train.hard_tasks import per_class_accuracy
 from mtl_edge.train.ss import (
     bn_parameters,
@@ -36,6 +36,7 @@ from mtl_edge.train.ss import (
     ss_modules,
     ss_parameters,
 )
+from mtl_edge.train.stage_config import MetaConfig
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,13 @@ class MetaTransferLearner(nn.Module):
         self.fc_bias = nn.Parameter(bias.to(ref.device))
         freeze_backbone(self.encoder)
         set_bn_mode(self.encoder, self.settings.bn_mode)
+        # the encoder's autocast (`mtl_edge.train.precision.Precision.autocast`, set by the driver)
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """FP32 features (B, D) of images (B, C, H, W); the encoder runs under `self.autocast`."""
+        with self.autocast():
+            return self.encoder(x).float()
 
     def train(self, mode: bool = True) -> MetaTransferLearner:
         """Train/eval mode; BNs then follow `settings.bn_mode` (frozen BN stays in eval)."""
@@ -257,9 +265,9 @@ class MetaTransferLearner(nn.Module):
         first_order = self.training and not self.settings.second_order
         # first order: support features never reach the outer gradient (see base_learner)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not first_order):
-            support_features = self.encoder(support_x)
+            support_features = self.encode(support_x)
         weight, bias = self.adapt(support_features, support_y, steps)
-        return self.head_logits(self.encoder(query_x), weight, bias)
+        return self.head_logits(self.encode(query_x), weight, bias)
 
     def meta_step(self, tasks: Sequence[Task], optimizer: torch.optim.Optimizer) -> MetaStepStats:
         """One outer update on a meta-batch of tasks (backward task by task to save memory).
@@ -285,11 +293,12 @@ class MetaTransferLearner(nn.Module):
             tasks=per_task,
         )
 
-    def checkpoint_parts(self) -> dict[str, Any]:
+    def checkpoint_parts(self, head: HeadRecipe | None = None) -> dict[str, Any]:
         """The learner as plain data for a self-describing checkpoint (tensors and JSON-able
         values only, loadable with `torch.load(weights_only=True)`): {"model", "model_args",
         "state_dict" (the SS encoder), "meta": settings + "ways", "deploy": the head recipe of
-        meta-test and the device and the meta-learned FC init} (`mtl_edge.train.checkpoint`)."""
+        meta-test and the device (`head`, default from the settings) and the meta-learned FC
+        init} (`mtl_edge.train.checkpoint`)."""
         encoder: Any = self.encoder
         return {
             "model": str(getattr(encoder, "name", "")),
@@ -297,7 +306,9 @@ class MetaTransferLearner(nn.Module):
             "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
             "meta": meta_entry(self.settings, self.ways),
             "deploy": deploy_section(
-                meta_head_recipe(self.settings), {"kind": "mtl"}, (self.fc_weight, self.fc_bias)
+                head or meta_head_recipe(self.settings),
+                {"kind": "mtl"},
+                (self.fc_weight, self.fc_bias),
             ),
         }
 

@@ -65,16 +65,18 @@ def image_loader(split: ImageSplit, cfg: Preprocess) -> Callable[[np.ndarray], t
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
-    split: ImageSplit,
     load: Callable[[np.ndarray], torch.Tensor],
+    count: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    name: str = "features",
 ) -> np.ndarray:
-    """Eval-mode features of every image of `split`, float32 of shape (len(split), D).
+    """Eval-mode features of images 0..count-1, float32 of shape (count, D).
 
     Args:
         load: `load(indices) -> (n, C, H, W)` images (e.g. `image_loader`, or a
             `DeviceDataset.eval_batch`); batches are moved to `device`, where the backbone is.
+        name: what the progress bar and errors call the images.
 
     Raises:
         UnavailableError: a CUDA device asked for on a machine without CUDA.
@@ -85,16 +87,16 @@ def extract_features(
     out: list[np.ndarray] = []
     try:
         with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
-            task = progress.add_task(f"features {split.name}", total=len(split))
-            for start in range(0, len(split), batch_size):
-                idx = np.arange(start, min(start + batch_size, len(split)))
+            task = progress.add_task(f"features {name}", total=count)
+            for start in range(0, count, batch_size):
+                idx = np.arange(start, min(start + batch_size, count))
                 x = load(idx).to(device)
                 out.append(backbone.forward_features(x).float().cpu().numpy())  # type: ignore[operator]
                 progress.advance(task, len(idx))
     finally:
         backbone.train(was_training)
     if not out:
-        raise DatasetError(f"{split.name}: no images to extract features from")
+        raise DatasetError(f"{name}: no images to extract features from")
     return np.concatenate(out)
 
 
@@ -136,7 +138,9 @@ def meta_test(
     load = load or image_loader(split, model.preprocess)
     factories = feature_heads(model, heads)
     if features is None and factories:
-        features = extract_features(model.backbone, split, load, batch_size, device)
+        features = extract_features(
+            model.backbone, load, len(split), batch_size, device, split.name
+        )
     results: dict[str, Any] = {}
     for shots in protocol.shots:
         sampler = EpisodeSampler.for_split(

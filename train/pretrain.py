@@ -6,7 +6,9 @@ classifier over the base classes on top of `forward_features`. After every `val_
 the backbone is scored on N-way K-shot episodes of the validation classes with a
 nearest-centroid head on its features (fixed episodes, so scores compare across epochs); the
 best epoch is RUN/best.pt, the newest RUN/last.pt (with optimizer and schedule, for `resume`).
-bf16/fp16 autocast and channels-last apply on CUDA only. Under torchrun the batches are split
+Precision (bf16 autocast + channels-last where the CPU or GPU has bf16 units) comes from
+`mtl_edge.train.precision`; with a time budget (`mtl_edge.train.budget`) the first steps set
+the epochs. Under torchrun the batches are split
 across ranks (`mtl_edge.train.distributed`); rank 0 writes the run folder.
 """
 
@@ -30,6 +32,7 @@ from mtl_edge.fewshot.evaluate import evaluate_episodes
 from mtl_edge.fewshot.fc import HeadRecipe
 from mtl_edge.fewshot.heads import CentroidHead
 from mtl_edge.settings import config_to_dict
+from mtl_edge.train import budget as budget_mod
 from mtl_edge.train import distributed as dist_util
 from mtl_edge.train.backbones import create_backbone
 from mtl_edge.train.checkpoint import (
@@ -40,10 +43,11 @@ from mtl_edge.train.checkpoint import (
     split_entry,
 )
 from mtl_edge.train.config import Recipe, as_recipe
-from mtl_edge.train.gpu_data import DeviceDataset, make_generator
+from mtl_edge.train.gpu_data import make_generator
+from mtl_edge.train.metatest import extract_features
+from mtl_edge.train.precision import resolve_precision
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import (
-    autocast,
     describe,
     load_split,
     make_augment,
@@ -69,22 +73,6 @@ def lr_factor(cfg: Recipe, step: int, steps_per_epoch: int) -> float:
     return p.gamma ** int(epoch // p.step_size)
 
 
-@torch.no_grad()
-def features_of(
-    model: nn.Module, data: DeviceDataset, device: torch.device, batch_size: int = 256
-) -> np.ndarray:
-    """Eval-mode features of every image of `data`, float32 of shape (N, D)."""
-    was = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(data)))
-        x = data.eval_batch(idx).to(device)
-        out.append(model.forward_features(x).float().cpu().numpy())  # type: ignore[operator]
-    model.train(was)
-    return np.concatenate(out)
-
-
 def centroid_accuracy(
     features: np.ndarray, labels: np.ndarray, sampler: EpisodeSampler, episodes: int
 ) -> tuple[float, float]:
@@ -99,8 +87,14 @@ def pretrain(
     out: str | Path,
     resume: bool = False,
     source: str = "recipe",
+    time_budget: str | None = None,
 ) -> dict[str, Any]:
     """Run phase 1 into the run folder `out`.
+
+    Args:
+        time_budget: this stage's wall-time budget ("90m"; else the recipe's share of
+            runtime.time_budget, if any): epochs and steps per epoch are then planned
+            (`mtl_edge.train.budget`) and RUN/budget.json records the decision.
 
     Returns:
         {"checkpoint": best.pt, "last": last.pt, "images": training images processed (all
@@ -111,6 +105,7 @@ def pretrain(
         ConfigError / DatasetError: bad recipe, data that cannot make the validation tasks.
     """
     cfg = as_recipe(config, source)
+    clock = budget_mod.StageClock.start(cfg, "pretrain", time_budget)
     p, rt = cfg.pretrain, cfg.runtime
     ctx = dist_util.context()
     device = ctx.device if ctx.enabled else resolve_device(rt)
@@ -141,9 +136,8 @@ def pretrain(
     net.add_module("backbone", backbone)
     net.add_module("classifier", classifier)
     net.to(device)
-    channels_last = rt.channels_last and device.type == "cuda"
-    if channels_last:
-        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    prec = resolve_precision(rt.amp, rt.channels_last, device, announce=ctx.is_main)
+    prec.model(net)
     optimizer = torch.optim.SGD(
         net.parameters(),
         lr=p.lr,
@@ -163,7 +157,7 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg, s, steps_per_epoch)
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=rt.amp == "fp16" and device.type == "cuda")
+    scaler = prec.grad_scaler()
     gen = make_generator(rt.seed, data_device)
     start_epoch, best, images = 0, -1.0, 0
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -180,12 +174,54 @@ def pretrain(
         images = int(state.get("images", 0))
         log.info("resuming pre-training at epoch %d", start_epoch)
     model: nn.Module = dist_util.wrap(net, ctx)
+    if rt.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
     augment = make_augment(p.crop_scale, p.augment)
     val_sampler = (
         EpisodeSampler.for_split(val_split, p.val_ways, p.val_shots, p.val_queries, rt.seed)
         if val_split is not None
         else None
     )
+
+    def train_step(
+        m: nn.Module, opt: torch.optim.Optimizer, idx: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One SGD step on the images `idx` of the split, augmented with draws from `g`;
+        (logits (B, classes), labels (B,), loss)."""
+        aug = augment is not None
+        x = train_data.augment_batch(idx, g, augment) if aug else train_data.eval_batch(idx)
+        x = prec.images(x.to(device, non_blocking=True))
+        y = train_data.labels[idx.to(train_data.device)].to(device, non_blocking=True)
+        with prec.autocast():
+            logits = m(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return logits, y, loss
+
+    plan = None
+    if clock.enabled and ctx.enabled:
+        raise ConfigError("a time budget under torchrun is not supported; set epochs")
+    if clock.enabled and start_epoch > 0:
+        cfg, plan = budget_mod.resumed_plan(clock, cfg, out)
+        p = cfg.pretrain
+        steps_per_epoch = min(steps_per_epoch, p.max_steps_per_epoch or steps_per_epoch)
+    elif clock.enabled:
+        val_s = 0.0
+        if val_data is not None and val_sampler is not None:
+            val_s = budget_mod.validation_seconds(
+                backbone, val_data, device, prec.autocast,
+                lambda f, k: centroid_accuracy(f, val_split.labels, val_sampler, k),
+                p.val_episodes,
+            )  # fmt: skip
+        probe_idx, probe_gen = torch.arange(p.batch_size), make_generator(rt.seed + 1, data_device)
+        cfg, steps_per_epoch, plan = budget_mod.plan_pretrain(
+            clock, cfg, out, net, lambda m, o: train_step(m, o, probe_idx, probe_gen), val_s,
+            steps_per_epoch,
+        )  # fmt: skip
+        p = cfg.pretrain  # the scheduler's lambda reads the planned cfg and steps_per_epoch
     base = {
         "model": cfg.model.backbone,
         "model_args": dict(getattr(backbone, "model_args", cfg.model.args)),
@@ -195,6 +231,7 @@ def pretrain(
         "deploy": deploy_section(HeadRecipe(), {"kind": "centroid"}),
         "train_split": split_entry(train_split),
     }
+    epoch = start_epoch - 1  # the last epoch run, for the budget record
     with progress_bar(bars) as progress:
         for epoch in range(start_epoch, p.epochs):
             net.train()
@@ -205,23 +242,10 @@ def pretrain(
             loss_sum, correct, seen = 0.0, 0, 0
             order = dist_util.shard_order(len(train_data), gen, ctx)
             for step in range(steps_per_epoch):
+                if plan is not None and plan.must_stop():
+                    break
                 idx = order[step * p.batch_size : (step + 1) * p.batch_size]
-                x = (
-                    train_data.augment_batch(idx, gen, augment)
-                    if augment is not None
-                    else train_data.eval_batch(idx)
-                )
-                x = x.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = train_data.labels[idx.to(train_data.device)].to(device, non_blocking=True)
-                with autocast(rt, device):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=p.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                logits, y, loss = train_step(model, optimizer, idx, gen)
                 scheduler.step()
                 n = int(y.shape[0])
                 loss_sum += float(loss.detach()) * n
@@ -249,12 +273,17 @@ def pretrain(
             if not ctx.is_main:
                 continue
             validate = val_sampler is not None and (
-                (epoch + 1) % p.val_every == 0 or epoch + 1 == p.epochs
+                (epoch + 1) % p.val_every == 0
+                or epoch + 1 == p.epochs
+                or (plan is not None and plan.stopped)
             )
             improved = False
             if validate:
                 assert val_data is not None and val_split is not None and val_sampler is not None
-                feats = features_of(backbone, val_data, device)
+                with prec.autocast():  # validation in the training precision; meta-test FP32
+                    feats = extract_features(
+                        backbone, val_data.eval_batch, len(val_data), 256, device
+                    )
                 acc, ci = centroid_accuracy(feats, val_split.labels, val_sampler, p.val_episodes)
                 row |= {"val_acc": acc, "val_ci95": ci}
                 improved = acc > best
@@ -290,6 +319,10 @@ def pretrain(
                     "images": images,
                 },
             )
+            if plan is not None and plan.stopped:
+                break
+    if plan is not None:
+        plan.finish(epochs_run=epoch + 1 - start_epoch, best_val=best if best >= 0 else None)
     dist_util.barrier(ctx)
     return {
         "checkpoint": str(best_path),

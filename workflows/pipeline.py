@@ -104,7 +104,7 @@ def stage_metatest(ctx: StageContext) -> StageResult:
         data = DeviceDataset.from_split(
             split, loaded.preprocess, dev, cache_dir=default_cache_dir()
         )
-        feats = extract_features(loaded.backbone, split, data.eval_batch, 256, dev)
+        feats = extract_features(loaded.backbone, data.eval_batch, len(split), 256, dev, split.name)
         images += len(split)
         result = meta_test(loaded, split, ctx.recipe.eval, dev, feats, data.eval_batch)
         atomic_write_json(ctx.dir / f"{label}.json", result)

@@ -1,4 +1,4 @@
-"""`mtl-edge bench latency|accuracy|enroll|serve|compare`: benchmarks with JSON + Markdown reports.
+"""`mtl-edge bench latency|accuracy|enroll|train|serve|compare`: benchmarks, JSON + Markdown.
 
 Heavy imports (torch, onnxruntime, matplotlib) happen inside the commands, so `mtl-edge bench
 --help` stays fast.
@@ -289,6 +289,40 @@ def register(app: typer.Typer, name: str) -> None:
         paths = js.write_outputs(report, out or _default_out(js.KIND))
         typer.echo(json.dumps(report, indent=2) if as_json else js.to_markdown(report))
         typer.echo("written: " + ", ".join(str(p) for p in paths), err=as_json)
+
+    @group.command("train", help="Training img/s: FP32 eager vs bf16 vs bf16 + channels-last.")
+    def train(
+        backbone: str = typer.Option("resnet12", "--backbone", help="Registry backbone."),
+        backbone_args: list[str] = typer.Option(
+            [], "--backbone-arg", help="Option of --backbone, KEY=VALUE, e.g. width=8 (repeatable)."
+        ),
+        image_size: int = typer.Option(84, "--image-size"),
+        batch: int = typer.Option(64, "--batch", help="Images per pre-training step."),
+        step: str = typer.Option("pretrain", "--step", help="pretrain or meta."),
+        shots: int = typer.Option(1, "--shots", help="Shots of the --step meta task."),
+        modes: str = typer.Option("fp32,bf16,bf16+cl", "--modes", help="Add bf16+cl+compile."),
+        rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds."),
+        steps: int = typer.Option(3, "--steps", help="Timed steps per mode and round."),
+        threads: int | None = typer.Option(None, "--threads"),
+        out: Path | None = OUT_OPT,
+        as_json: bool = JSON_OPT,
+    ) -> None:
+        from mtl_edge.bench import train_speed as ts
+        from mtl_edge.bench.latency import parse_list
+
+        cfg = ts.TrainSpeedConfig(
+            backbone=backbone,
+            backbone_args=parse_options(backbone_args, "--backbone-arg", "width=8"),
+            image_size=image_size,
+            batch=batch,
+            step=step,
+            shots=shots,
+            modes=parse_list(modes, "--modes"),
+            rounds=rounds,
+            steps_per_round=steps,
+            threads=threads,
+        )
+        _report("train", cfg, ts.run_train_speed(cfg), out, as_json)
 
     @group.command("compare", help="Two reports of one kind side by side (ratio B / A).")
     def compare(

@@ -1,7 +1,9 @@
 """`mtl-edge train`: pre-train, meta-train (SS + HT), the joint method, the pipeline, evaluate.
 
     mtl-edge train pretrain --recipe R --out RUN [--set key=value ...] [--resume]
+                            [--time-budget 60m]
     mtl-edge train meta     --recipe R --out RUN [--pretrained RUN0/best.pt] [--resume]
+                            [--time-budget 30m]
     mtl-edge train joint    --recipe R --out RUN [--set joint.beta=0.5 ...]
     mtl-edge train pipeline --recipe R --out RUN [--stages a,b] [--resume]
     mtl-edge train evaluate --checkpoint C [--ways 5 --shots 1,5 --episodes N --heads ...]
@@ -28,6 +30,12 @@ SET_OPT = typer.Option(
     [], "--set", help="Override a recipe value: KEY=VALUE, e.g. pretrain.epochs=2 (repeatable)."
 )
 JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON.")
+BUDGET_OPT = typer.Option(
+    None,
+    "--time-budget",
+    help="Wall time of this stage, e.g. 90m or 1h30m: its first steps are timed and the epochs "
+    "(pretrain) or meta-batches (meta) set to end inside it; see RUN/budget.json.",
+)
 
 
 def _ints(text: str, option: str) -> list[int]:
@@ -81,6 +89,7 @@ def register(app: typer.Typer, name: str) -> None:
         out: Path = OUT_OPT,
         overrides: list[str] = SET_OPT,
         resume: bool = typer.Option(False, "--resume", help="Continue from RUN/last.pt."),
+        time_budget: str | None = BUDGET_OPT,
         as_json: bool = JSON_OPT,
     ) -> None:
         """Phase 1: train the backbone as a classifier over the base classes."""
@@ -88,7 +97,8 @@ def register(app: typer.Typer, name: str) -> None:
         from mtl_edge.train.pretrain import pretrain
 
         cfg = load_recipe(recipe, overrides)
-        _print_run(pretrain(cfg, out, resume, recipe_source(recipe, overrides)), as_json)
+        source = recipe_source(recipe, overrides)
+        _print_run(pretrain(cfg, out, resume, source, time_budget), as_json)
 
     @train_app.command("meta")
     def meta_cmd(
@@ -99,6 +109,7 @@ def register(app: typer.Typer, name: str) -> None:
             None, "--pretrained", help="Pre-training checkpoint (else meta.pretrained)."
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue from RUN/last.pt."),
+        time_budget: str | None = BUDGET_OPT,
         as_json: bool = JSON_OPT,
     ) -> None:
         """Phase 2: meta-transfer (SS + FC init, hard tasks) from a pre-training checkpoint."""
@@ -107,7 +118,7 @@ def register(app: typer.Typer, name: str) -> None:
 
         cfg = load_recipe(recipe, overrides)
         source = recipe_source(recipe, overrides)
-        _print_run(meta_train(cfg, out, pretrained, resume, source), as_json)
+        _print_run(meta_train(cfg, out, pretrained, resume, source, time_budget), as_json)
 
     @train_app.command(
         "joint",

@@ -152,12 +152,15 @@ def open_omniglot(
     rotations: bool | Sequence[int] = False,
     color_mode: str = "L",
     on_error: str = "raise",
+    exclude_alphabets: Sequence[str] = (),
 ) -> ImageSplit:
     """Omniglot by split name.
 
     "train" is the background set minus `val_alphabets` whole alphabets (a number picked with
     `seed`, or names); "val" is those held-out alphabets; "test" is `images_evaluation`;
-    "background" and "evaluation" are the whole sets.
+    "background" and "evaluation" are the whole sets. `exclude_alphabets` (names) are left out
+    of "train" and "val" before the split: an internal validation split that never touches a
+    recipe's held-out test alphabets.
     """
     if split in ("background", "evaluation"):
         return read_omniglot(root, f"images_{split}", None, rotations, color_mode, on_error)
@@ -177,7 +180,14 @@ def open_omniglot(
             f"omniglot split {split!r}: use train, val, test, background or evaluation"
         )
     set_dir = omniglot_set_dir(root, "images_background")
-    kept, held = split_alphabets(omniglot_alphabets(set_dir), val_alphabets, seed)
+    known = omniglot_alphabets(set_dir)
+    unknown = sorted(set(exclude_alphabets) - set(known))
+    if unknown:
+        raise DatasetError(
+            f"omniglot exclude_alphabets: unknown {unknown}; known: {', '.join(known)}"
+        )
+    pool = [a for a in known if a not in set(exclude_alphabets)]
+    kept, held = split_alphabets(pool, val_alphabets, seed)
     return read_omniglot(
         root,
         "images_background",

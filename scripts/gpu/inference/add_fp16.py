@@ -2,8 +2,8 @@
 
     python3 scripts/gpu/inference/add_fp16.py BUNDLE
 
-The FP32 ResNet-12-wide file (47 MiB) travels with the last wheel part; its FP16 variant
-(24 MiB) would not fit in the same 64 MiB call, so it is made there with the exporter's own
+The FP32 ResNet-12-wide file (47 MiB) travels in parts like the wheel; carrying its FP16
+variant (24 MiB) too would cost one more call, so it is made there with the exporter's own
 converter (`mtl_edge.export.fp16.convert_fp16`, what `mtl-edge export --fp16` runs) and
 added to the bundle's manifest with its sha256 (`Bundle.add_files`). Idempotent.
 """

@@ -3,9 +3,9 @@
     python3 scripts/gpu/inference/prepare.py collect COMPUTE_FILES
 
 COMPUTE_FILES is the `files_at` folder of the compute call (versions.txt, latency.json/.md/.png,
-smoke.json, steps.json, compute.log). Written there:
-those files, plan.json as it was run, and commands.md with each call exactly as made and the
-estimate next to the measured steps. Review the folder, then `git add` it.
+smoke.json, steps.json, compute.log). Written there: those files, plan.json and lease.json as
+they were run, and commands.md with each call exactly as made and the estimate next to the
+measured steps. Review the folder, then `git add` it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from plan import PLAN, estimate
+from plan import PLAN, estimate, layout
 
 REPO = Path(__file__).resolve().parents[3]
 KEEP = (
@@ -37,12 +37,15 @@ def collect(plan: dict[str, Any], compute: Path, name: str = "h200-inference") -
         if (compute / f).is_file():
             shutil.copy2(compute / f, dest / f)
     shutil.copy2(PLAN, dest / "plan.json")
+    shutil.copy2(PLAN.parent / plan["lease"]["file"], dest / "lease.json")
     steps_file = compute / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
     lines = ["# Device calls as run (issue 20)", ""]
-    for call in plan["calls"]:
+    for call in layout(plan):
+        parts = ", ".join(f"{p[0]}.part{p[1]:02d}" for p in call["parts"])
         lines += [
-            f"{call['n']}. carry `{json.dumps(call['carry'])}`, timeout_s {call['timeout_s']}:",
+            f"{call['n']}. carry `{json.dumps(call['carry'])}` ({parts}), "
+            f"timeout_s {call['timeout_s']}:",
             f"   `{call['command']}`",
         ]
     est = estimate(plan)

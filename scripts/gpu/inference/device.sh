@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Issue 20's plan, the GPU-machine side: what each device call runs (docs/gpu-inference.md).
 #
-#   device.sh receive DIR            copy the wheel part(s) carried in DIR into the store (it
-#                                    stays while the machine is warm) and check their sha256
+#   device.sh receive DIR            copy the parts carried in DIR (of the wheel, of the
+#                                    bundle's tar) into the store (it stays while the machine
+#                                    is warm) and check their sha256 (parts.py)
 #   device.sh versions               machine, driver, Python packages, CUDA libraries ->
 #                                    $OUT/versions.txt
 #   device.sh compute DIR [--dry-run]
-#                                    receive DIR (last part + bundle); join the parts, check
-#                                    the wheel's sha256; install it with pip --target into its
-#                                    own folder (never beside the CPU onnxruntime); find the
-#                                    CUDA/cuDNN of the machine's PyTorch; add the FP16 variant;
+#                                    receive DIR (the last parts); join the wheel and the
+#                                    bundle, check their sha256; install the wheel with pip
+#                                    --target into its own folder (never beside the CPU
+#                                    onnxruntime); find the CUDA/cuDNN of the machine's
+#                                    PyTorch; unpack the bundle, add its FP16 variant;
 #                                    the smoke check (stops on error); then the benchmark.
 #                                    Results flat in $OUT: versions.txt, compute.log,
 #                                    steps.json, smoke.json, latency.json/.md/.png (7 files,
@@ -19,8 +21,8 @@
 # the same files, commands and reports, with the GPU settings run on the CPU provider.
 #
 # Environment: OUT (the device tool sets it), PYTHON (default python3), MTL_EDGE_ORT_STORE
-# (default /tmp/mtl-edge-ort), BENCH_DEADLINE_S / BENCH_TIMEOUT_S (override plan.json's: lower
-# the deadline by however much the chain of calls ran over its estimate).
+# (default /tmp/mtl-edge-ort), BENCH_DEADLINE_S / BENCH_TIMEOUT_S (override plan.json's:
+# `plan.py deadline HELD_S` gives the deadline that keeps the plan in its 10 minutes).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
@@ -37,32 +39,9 @@ die() {
     exit 1
 }
 
-# Part files named in DIR/MANIFEST.json: copied (atomically) and checked.
+# Part files named in DIR/MANIFEST.json: copied (atomically) and checked (parts.py).
 cmd_receive() {
-    local dir="${1:?usage: device.sh receive DIR}"
-    [[ -f "$dir/MANIFEST.json" ]] || die "$dir/MANIFEST.json: missing; carry the folder prepare.py wrote (carry: [\"$dir\"])"
-    cp "$dir/MANIFEST.json" "$STORE/MANIFEST.json"
-    local part
-    for part in "$dir"/ort-gpu.part*; do
-        [[ -f "$part" ]] || continue
-        cp "$part" "$STORE/parts/.$(basename "$part").tmp"
-        mv "$STORE/parts/.$(basename "$part").tmp" "$STORE/parts/$(basename "$part")"
-    done
-    "$PY" - "$STORE" "$dir" <<'EOF'
-import hashlib, json, sys
-from pathlib import Path
-store, carried = Path(sys.argv[1]), Path(sys.argv[2])
-m = json.loads((store / "MANIFEST.json").read_text())
-have = []
-for p in m["parts"]:
-    f = store / "parts" / p["file"]
-    if (carried / p["file"]).is_file() and hashlib.sha256(f.read_bytes()).hexdigest() != p["sha256"]:
-        f.unlink()  # never joined; the next call can bring it again
-        sys.exit(f"device: error: {p['file']}: sha256 differs from MANIFEST.json; send it again")
-    if f.is_file():
-        have.append(p["file"][-2:])
-print(f"device: {m['wheel']}: parts {','.join(have) or 'none'} of {len(m['parts'])} here, sha256 ok")
-EOF
+    "$PY" "$HERE/parts.py" receive "$STORE" "${1:?usage: device.sh receive DIR}"
 }
 
 cmd_versions() {
@@ -116,27 +95,10 @@ cmd_compute() {
     begin "versions" && cmd_versions && end versions
     begin "receive $dir" && cmd_receive "$dir" && end receive
 
-    begin "join and check the wheel"
-    local wheel sha
-    wheel="$STORE/$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["wheel"])' "$STORE/MANIFEST.json")"
-    "$PY" - "$STORE" "$wheel" <<'EOF'
-import hashlib, json, sys
-from pathlib import Path
-store, wheel = Path(sys.argv[1]), Path(sys.argv[2])
-m = json.loads((store / "MANIFEST.json").read_text())
-missing = [p["file"] for p in m["parts"] if not (store / "parts" / p["file"]).is_file()]
-if missing:
-    sys.exit(f"device: error: missing {', '.join(missing)} (a fresh machine?): run the chain of calls again from call 1")
-h = hashlib.sha256()
-with open(wheel, "wb") as out:
-    for p in m["parts"]:
-        data = (store / "parts" / p["file"]).read_bytes()
-        h.update(data)
-        out.write(data)
-if h.hexdigest() != m["sha256"] or wheel.stat().st_size != m["bytes"]:
-    sys.exit(f"device: error: {wheel.name}: joined sha256 {h.hexdigest()} is not {m['sha256']}")
-print(f"device: {wheel.name}: {m['bytes']} bytes, sha256 ok")
-EOF
+    begin "join and check the wheel and the bundle"
+    local wheel bundle_tar sha
+    wheel="$("$PY" "$HERE/parts.py" join "$STORE" wheel)"
+    bundle_tar="$("$PY" "$HERE/parts.py" join "$STORE" bundle)"
     sha="$(sha256sum "$wheel" | cut -d' ' -f1)"
     end join
 
@@ -177,9 +139,12 @@ EOF
     fi
     end env
 
-    begin "bundle + FP16 variant"
-    rm -rf "$STORE/bundle"
-    cp -r "$dir/bundle" "$STORE/bundle"
+    begin "bundle"
+    "$PY" "$HERE/parts.py" unpack "$bundle_tar" "$STORE/bundle"
+    rm -f "$bundle_tar"
+    end unpack
+
+    begin "FP16 variant"
     "$PY" "$HERE/add_fp16.py" "$STORE/bundle"
     end fp16
 
@@ -190,7 +155,9 @@ EOF
 
     begin "bench latency"
     local -a args
-    eval "args=($("$PY" "$HERE/plan.py" bench-args $dry))"
+    local quoted
+    quoted="$("$PY" "$HERE/plan.py" bench-args $dry)"
+    eval "args=($quoted)"
     if [[ -n "${BENCH_DEADLINE_S:-}" ]]; then args+=(--deadline "$BENCH_DEADLINE_S"); fi
     local limit
     limit="${BENCH_TIMEOUT_S:-$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["bench"]["timeout_s"])' "$HERE/plan.json")}"
@@ -214,7 +181,7 @@ compute)
     exit "${PIPESTATUS[0]}"
     ;;
 *)
-    sed -n '2,24p' "$0"
+    sed -n '2,25p' "$0"
     exit 2
     ;;
 esac
