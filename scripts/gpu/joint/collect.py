@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plan import PLAN, load_plan  # noqa: E402
+from plan import layout, load_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 KEEP = ("lease.json", "smoke.json", "versions.txt", "compute.log")
@@ -60,12 +60,12 @@ def unpack(files: Path, runs: Path, results: Path, plan: dict[str, Any]) -> list
     for f in KEEP:
         if (files / f).is_file():
             shutil.copy2(files / f, results / f)
-    shutil.copy2(PLAN, results / "plan.json")
+    (results / "plan.json").write_text(json.dumps(plan, indent=1))  # lease limits inlined
     shutil.copy2(REPO / plan["recipe"], results / Path(plan["recipe"]).name)
     lease_file = files / "lease.json"
     lease = json.loads(lease_file.read_text()) if lease_file.is_file() else {}
     lines = ["# Device calls (issue 19)", ""]
-    for c in plan["calls"]:
+    for c in layout(plan):
         lines.append(f"{c['n']}. carry `{json.dumps(c['carry'])}`, timeout_s {c['timeout_s']}: "
                      f"`{c['command']}`")  # fmt: skip
     lines += ["", f"engine: {lease.get('engine')}; iterations planned: "

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Issue 19's lease, the GPU-machine side (docs/joint.md, "The paper-scale run in one 15-minute
-# lease"). What each device call runs:
+# lease"). What each device call runs (`plan.py calls` lists them; N = the number of parts):
 #
-#   device.sh receive DIR             call 1: copy the data part carried in DIR into the store
-#                                     (it stays while the machine is warm: 30 s after a call)
-#                                     and check its sha256; versions -> $OUT/versions.txt
-#   device.sh compute DIR [--dry-run] call 2: lease.py compute (receive the last part, join,
-#                                     unpack and check the shards, smoke check of every CUDA
-#                                     path, the three models trained in the time left,
-#                                     checkpoints packed into $OUT); its log in $OUT/compute.log
+#   device.sh receive DIR             calls 1 .. N-1: copy the data part carried in DIR into
+#                                     the store (it stays while the machine is warm: 30 s
+#                                     after a call), check its sha256 and that every earlier
+#                                     part is there
+#   device.sh versions                call 1, after receive: machine, driver, torch ->
+#                                     $OUT/versions.txt
+#   device.sh compute DIR [--dry-run] call N: lease.py compute (receive the last part, join
+#                                     the N parts, unpack and check the shards, smoke check
+#                                     of every CUDA path, the three models trained in the
+#                                     time left, checkpoints packed into $OUT); its log in
+#                                     $OUT/compute.log
 #
 # --dry-run runs the same steps on the CPU with plan.json's tiny overrides (the tests do).
 # Environment: OUT (the device tool sets it), PYTHON (default python3), MTL_EDGE_JOINT_STORE
 # (default /tmp/mtl-edge-joint), DEADLINE_S (the compute deadline in seconds from the start of
-# the command; default plan.json's compute.deadline_s; `plan.py deadline --held-s S` gives it).
+# the command; default plan.py's deadline_s; `plan.py deadline --held-s S` gives it).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"
@@ -46,6 +50,9 @@ case "${1:-}" in
 receive)
     setup_env
     "$PY" "$HERE/lease.py" receive "${2:?usage: device.sh receive DIR}"
+    ;;
+versions)
+    setup_env
     "$PY" "$HERE/lease.py" versions
     ;;
 compute)
@@ -62,7 +69,7 @@ compute)
     exit "$rc"
     ;;
 *)
-    sed -n '2,20p' "$0"
+    sed -n '2,24p' "$0"
     exit 2
     ;;
 esac

@@ -4,10 +4,13 @@
     lease.py versions                     machine, driver, torch -> $OUT/versions.txt
     lease.py compute DIR [--dry-run] [--deadline-s S]
 
-compute, against one deadline (plan.json compute.deadline_s, or DEADLINE_S, from its start):
+The receive calls (all but the last of `plan.layout`) leave parts 1 .. N-1 in the store; the
+compute call carries part N. compute, against one deadline (`plan.deadline_s`, or DEADLINE_S
+from `plan.py deadline --held-s S`, from its start):
 
-1. receive DIR (the last part); join the parts, check the whole payload's sha256, unpack the
-   shards into the store and check every shard's sha256 against its index.json;
+1. receive DIR (the last part); join the N parts in order (every one present, each checked on
+   arrival), check the whole payload's sha256, unpack the shards into the store and check
+   every shard's sha256 against its index.json;
 2. decode the split once into the store's cache, in the background (the training runs read it);
 3. smoke check, `mtl-edge bench joint` on CUDA: on small synthetic tasks every engine (loop,
    batched, CUDA graphs) for Reptile + transfer, fo-Proto-MAML + transfer and second-order
@@ -49,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from plan import deadline_s as planned_deadline  # noqa: E402
 from plan import iterations, load_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
@@ -78,33 +82,53 @@ def sha256(path: Path) -> str:
 
 
 def receive(carried: Path) -> dict[str, Any]:
-    """Copy the parts in `carried` into STORE/parts (atomically) and check them; the manifest."""
+    """Copy the parts in `carried` into STORE/parts (atomically) and check their sha256; the
+    manifest. Every part before the last one carried must already be here (the machine kept
+    the store since the earlier calls), or the chain of calls starts again."""
     manifest_file = carried / "MANIFEST.json"
     if not manifest_file.is_file():
         raise LeaseError(f"{manifest_file}: missing; carry the folder prepare.py wrote")
     manifest = json.loads(manifest_file.read_text())
     (STORE / "parts").mkdir(parents=True, exist_ok=True)
     shutil.copy2(manifest_file, STORE / "MANIFEST.json")
-    for part in manifest["parts"]:
+    got = []
+    for i, part in enumerate(manifest["parts"], 1):
         src, dst = carried / part["file"], STORE / "parts" / part["file"]
         if not src.is_file():
             continue
-        shutil.copy2(src, dst.with_suffix(".tmp"))
-        if sha256(dst.with_suffix(".tmp")) != part["sha256"]:
-            dst.with_suffix(".tmp").unlink()
+        tmp = dst.with_suffix(".tmp")
+        shutil.copy2(src, tmp)
+        if sha256(tmp) != part["sha256"]:
+            tmp.unlink()
             raise LeaseError(f"{part['file']}: sha256 differs from MANIFEST.json; send it again")
-        dst.with_suffix(".tmp").replace(dst)
-    here = [p["file"][-2:] for p in manifest["parts"] if (STORE / "parts" / p["file"]).is_file()]
-    say(f"parts {','.join(here)} of {len(manifest['parts'])} here, sha256 ok")
+        tmp.replace(dst)
+        got.append(i)
+    if not got:
+        raise LeaseError(f"{carried}: no part of MANIFEST.json; carry the folder prepare.py wrote")
+    _require_parts(manifest, max(got))
+    n = len(manifest["parts"])
+    say(f"part {','.join(f'{i:02d}' for i in got)} received; parts 01-{max(got):02d} of {n} here")
     return manifest
 
 
-def unpack(manifest: dict[str, Any]) -> Path:
-    """Join the parts, check the payload, unpack and check the shards; their folder."""
-    parts = [STORE / "parts" / p["file"] for p in manifest["parts"]]
-    missing = [p.name for p in parts if not p.is_file()]
+def _require_parts(manifest: dict[str, Any], upto: int) -> None:
+    """Parts 1 .. upto are in the store with their manifest sizes (their sha256 was checked
+    when they came), else LeaseError."""
+    missing = [
+        p["file"]
+        for p in manifest["parts"][:upto]
+        if not (f := STORE / "parts" / p["file"]).is_file() or f.stat().st_size != p["bytes"]
+    ]
     if missing:
-        raise LeaseError(f"missing {', '.join(missing)} (a fresh machine?): make call 1 again")
+        raise LeaseError(
+            f"missing {', '.join(missing)} (a fresh machine?): make the calls again from call 1"
+        )
+
+
+def unpack(manifest: dict[str, Any]) -> Path:
+    """Join the N parts, check the payload, unpack and check the shards; their folder."""
+    _require_parts(manifest, len(manifest["parts"]))
+    parts = [STORE / "parts" / p["file"] for p in manifest["parts"]]
     h = hashlib.sha256()
     for p in parts:
         h.update(p.read_bytes())
@@ -319,7 +343,7 @@ def step(record: dict[str, Any], name: str):
 def compute(carried: Path, dry: bool, deadline_s: float | None) -> int:
     plan = load_plan()
     comp, t0 = plan["compute"], time.monotonic()
-    default = plan["dry_run"]["deadline_s"] if dry else comp["deadline_s"]
+    default = plan["dry_run"]["deadline_s"] if dry else planned_deadline(plan)
     deadline_s = deadline_s or float(os.environ.get("DEADLINE_S") or default)
     deadline = t0 + deadline_s
     record: dict[str, Any] = {"issue": plan["issue"], "dry_run": dry, "deadline_s": deadline_s}
@@ -383,7 +407,7 @@ def compute(carried: Path, dry: bool, deadline_s: float | None) -> int:
             n = min(n, int(last["iteration"]))  # the later models do no more than this one
         with step(record, "pack"):
             for m in plan["models"]:
-                pack(m["name"], plan["limits"]["file_mib"] << 20)
+                pack(m["name"], plan["lease"]["file_mib"] << 20)
         record["ok"] = True
         return 0
     except LeaseError as e:

@@ -2,15 +2,17 @@
 
     python3 scripts/gpu/joint/prepare.py data [--shards DIR] [--dest DEST]
         pack miniimagenet/train into tar shards (`mtl-edge data pack`, 60 MiB each: 4 shards),
-        or take the shard folder DIR; tar them, compress with xz, cut into plan.json's parts
-        and write part n (+ MANIFEST.json) into DEST/call<n>/
+        or take the shard folder DIR; tar them, compress with xz, cut into parts of at most
+        plan.py's part limit (call_mib - repo_mib_max - margin_mib of scripts/gpu/lease.json:
+        39 MiB) and write part n (+ MANIFEST.json) into DEST/call<n>/
     python3 scripts/gpu/joint/prepare.py check [--dest DEST]     what each call carries
 
 DEST defaults to plan.json's carry_dir (.device/joint, ignored by git) in the repository root;
 run it in the checkout the device calls are sent from. The shards travel compressed because
 the tar format spends 1 KiB of headers and padding on every image's class entry: xz takes the
-4 shards (217.4 MiB) to 118.7 MiB, two calls of under 60 MiB instead of four. The device
-joins the parts, checks the sha256 of the whole and of every shard (index.json), and unpacks.
+4 shards (217.4 MiB) to 118.7 MiB, 4 parts (3 x 39 MiB and 1.7 MiB) instead of 6. The device
+checks every part's sha256 as it arrives, joins the parts, checks the sha256 of the whole and
+of every shard (index.json), and unpacks.
 Nothing here is committed: data stays out of git.
 """
 
@@ -21,7 +23,6 @@ import hashlib
 import io
 import json
 import lzma
-import math
 import subprocess
 import sys
 import tarfile
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plan import MIB, load_plan  # noqa: E402
+from plan import MIB, layout, load_plan, part_limit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 PAYLOAD = "joint-data.tar.xz"
@@ -69,19 +70,25 @@ def payload(shards: Path, preset: int) -> bytes:
     return lzma.compress(buf.getvalue(), preset=preset)
 
 
-def stage(plan: dict[str, Any], shards: Path, dest: Path) -> dict[str, Any]:
-    """Compress the shards, cut the payload into the plan's parts and write part n with the
-    manifest into dest/call<n>/ (the calls that name parts); the manifest."""
+def stage(
+    plan: dict[str, Any], shards: Path, dest: Path, part_bytes: int | None = None
+) -> dict[str, Any]:
+    """Compress the shards, cut the payload into parts of `part_bytes` (default: the plan's
+    part limit; the dry run passes less) and write part n with the manifest into
+    dest/call<n>/ (`plan.layout`: one part per call); the manifest."""
     data = payload(shards, plan["data"]["xz_preset"])
-    n_parts = plan["data"]["parts"]
-    size = math.ceil(len(data) / n_parts)
-    parts = [data[i * size : (i + 1) * size] for i in range(n_parts)]
-    if max(len(p) for p in parts) > plan["limits"]["part_mib_max"] * MIB:
+    limit = part_limit(plan)
+    if part_bytes is not None and part_bytes > limit:
+        raise SystemExit(f"prepare: parts of {part_bytes / MIB:.1f} MiB pass {limit / MIB} MiB")
+    calls = layout(plan, len(data), part_bytes)
+    if part_bytes is None and len(calls) != len(layout(plan)):
         raise SystemExit(
-            f"prepare: {len(data) / MIB:.1f} MiB of data does not fit {n_parts} parts of "
-            f"{plan['limits']['part_mib_max']} MiB; raise data.parts in plan.json (one call each)"
+            f"prepare: {len(data)} bytes of data make {len(calls)} parts, plan.json's "
+            f"data.payload_bytes {len(layout(plan))}: set it to {len(data)} (the calls and the "
+            "compute deadline follow from it)"
         )
-    owners = {p: c["n"] for c in plan["calls"] for p in c.get("parts", [])}
+    starts = [sum(c["parts"][0][1] for c in calls[:i]) for i in range(len(calls))]
+    parts = [data[a : a + c["parts"][0][1]] for a, c in zip(starts, calls, strict=True)]
     index = json.loads((shards / "index.json").read_text())
     manifest = {
         "payload": PAYLOAD,
@@ -95,12 +102,12 @@ def stage(plan: dict[str, Any], shards: Path, dest: Path) -> dict[str, Any]:
             for i, p in enumerate(parts, 1)
         ],
     }
-    for i, part in enumerate(parts, 1):
-        folder = dest / f"call{owners[i]}"
+    for old in dest.glob("call*/joint-data.part*"):  # a former layout's parts
+        old.unlink()
+    for call, part in zip(calls, parts, strict=True):
+        folder = dest / f"call{call['n']}"
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("joint-data.part*"):
-            old.unlink()
-        (folder / f"joint-data.part{i:02d}").write_bytes(part)
+        (folder / f"joint-data.part{call['n']:02d}").write_bytes(part)
         (folder / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -121,14 +128,19 @@ def folder_bytes(path: Path) -> int:
 
 
 def check(plan: dict[str, Any], dest: Path) -> list[str]:
-    """One line per call: what it sends (the repository + its carried folder), and OVER when
-    that passes the call limit."""
-    repo, limit = repo_bytes(), plan["limits"]["call_mib"] * MIB
-    lines = [f"repository: {repo / MIB:.2f} MiB (plan allows {plan['repo_mib_max']} MiB)"]
-    for call in plan["calls"]:
-        size = repo + sum(folder_bytes(dest / Path(c).name) for c in call["carry"])
-        flag = "" if size <= limit else f"  OVER {plan['limits']['call_mib']} MiB"
-        lines.append(f"call {call['n']}: {size / MIB:.1f} MiB ({', '.join(call['carry'])}){flag}")
+    """One line per call: what it sends (the working tree now, and at the budget the plan
+    counts, + its carried folder), and OVER when the budgeted size passes the call limit."""
+    repo, lease = repo_bytes(), plan["lease"]
+    budget, limit = lease["repo_mib_max"] * MIB, lease["call_mib"] * MIB
+    lines = [f"working tree: {repo / MIB:.2f} MiB now (every plan budgets {budget / MIB:.0f} MiB)"]
+    for call in layout(plan):
+        carried = sum(folder_bytes(dest / Path(c).name) for c in call["carry"])
+        size = max(repo, budget) + carried
+        flag = "" if size <= limit else f"  OVER {lease['call_mib']} MiB"
+        lines.append(
+            f"call {call['n']}: {carried / MIB:.1f} MiB carried, {size / MIB:.1f} MiB with the "
+            f"tree ({', '.join(call['carry'])}){flag}"
+        )
     return lines
 
 
