@@ -229,7 +229,7 @@ def _device(staged: dict, *args: str, call: int) -> subprocess.CompletedProcess[
         capture_output=True,
         text=True,
         env={**staged["env"], "OUT": str(out)},
-        timeout=600,
+        timeout=1800,  # the dry run's deadline (1200 s) and its packing
         cwd=REPO,
     )
 

@@ -361,7 +361,8 @@ def compute(carried: Path, dry: bool, deadline_s: float | None) -> int:
         decoding = decode_in_background(overrides, decode_errors)
         engines = plan["smoke"]["check_engines"]
         with step(record, "smoke"):
-            timeout = min(comp["smoke_timeout_s"], (deadline - time.monotonic()) / 3)
+            cap = plan["dry_run"]["smoke_timeout_s"] if dry else comp["smoke_timeout_s"]
+            timeout = min(cap, (deadline - time.monotonic()) / 3)
             try:
                 report = smoke(plan, overrides, dry, engines, timeout)
             except LeaseError as e:  # once more, without graphs, in what the first try left
