@@ -25,8 +25,9 @@ running averages (non-transductive, the same numbers the exported, BN-folded bun
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,7 +37,11 @@ from torch.func import functional_call
 
 from mtl_edge.data.episodes import Episode
 from mtl_edge.errors import ConfigError
+from mtl_edge.train.joint_batched import Batched, TaskBatch, batch_reason
+from mtl_edge.train.joint_graphs import GraphedGradients
 from mtl_edge.train.stage_config import JointConfig
+
+log = logging.getLogger(__name__)
 
 
 def support_labels(episode: Episode) -> torch.Tensor:
@@ -97,9 +102,9 @@ def prototype_head(
     Returns:
         weight (ways, D) = 2 * class means, bias (ways,) = -||class mean||^2, so that the logits
         equal -||f - mean_c||^2 up to a per-image constant. Differentiable in `features`.
-        Float32 even from bf16 features (autocast): the head adapts in FP32.
+        At least float32 even from bf16 features (autocast): the head adapts in FP32.
     """
-    features = features.float()
+    features = features.to(torch.promote_types(features.dtype, torch.float32))
     sums = torch.zeros(ways, features.shape[1], dtype=features.dtype, device=features.device)
     sums = sums.index_add(0, labels, features)
     counts = torch.bincount(labels, minlength=ways).clamp(min=1).to(features.dtype)
@@ -158,12 +163,16 @@ def inner_adapt(
     """
     any_param = next(iter(params.values()))
     y = y.to(x.device)
-    fast = dict(params)
-    if not create_graph:
-        fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+    # The inner steps differentiate with respect to aliases of theta, so that the gradient of
+    # the first step holds the head fixed even when the head's start is a function of theta
+    # (second-order prototypes): the head and the backbone are separate inner parameters.
+    if create_graph:
+        fast = {k: v.view_as(v) for k, v in params.items()}
+    else:
+        fast = {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
     def features() -> torch.Tensor:
-        return functional_call(backbone, fast, (x,), strict=False)
+        return functional_call(backbone, params, (x,), strict=False)
 
     if start is None:
         start = initial_head(head_init, features, y, ways, feature_dim(backbone), any_param)
@@ -277,17 +286,34 @@ def transfer_gradient(
     """
     idx = np.concatenate([all_indices(t) for t in tasks])
     labels = torch.cat([all_base_labels(t) for t in tasks])
+    x = images(idx)
+    return transfer_gradient_on(backbone, transfer_head, x, labels.to(x.device))
+
+
+def transfer_gradient_on(
+    backbone: nn.Module, transfer_head: nn.Linear, x: torch.Tensor, labels: torch.Tensor
+) -> tuple[Params, list[torch.Tensor]]:
+    """`transfer_gradient` of images x (B, C, H, W) with base-class ids `labels` (B,)."""
     theta = backbone_params(backbone)
     names = list(theta)
-    x = images(idx)
-    loss = F.cross_entropy(transfer_head(backbone(x)), labels.to(x.device))
+    loss = F.cross_entropy(transfer_head(backbone(x)), labels)
     grads = torch.autograd.grad(loss, [theta[k] for k in names] + list(transfer_head.parameters()))
     return dict(zip(names, grads[: len(names)], strict=True)), list(grads[len(names) :])
+
+
+#: What one meta-iteration computes before any optimizer step: the meta step's gradient and
+#: the transfer step's (backbone, head) gradients, each None when its weight is 0.
+Gradients = tuple[Params | None, Params | None, list[torch.Tensor] | None]
 
 
 class JointLearner:
     """Owns the backbone, the base-class head and the two optimizers; `step(tasks)` is one
     meta-iteration of Algorithm 1.
+
+    The gradients come from the batched engine (`mtl_edge.train.joint_batched`: all inner loops
+    of the meta-batch at once, replayed as a CUDA graph on a GPU with `cfg.cuda_graphs`) when
+    `cfg.batched` and the backbone allows it (`batch_reason`), else from the per-task loop of
+    this module (the reference); `engine` says which runs.
 
     Args:
         backbone: a network with `forward_features` and `feature_dim` (e.g. Conv-4), already on
@@ -311,38 +337,88 @@ class JointLearner:
         self.transfer_opt = _optimizer(
             cfg.optimizer, params + list(self.transfer_head.parameters()), cfg.transfer_lr
         )
+        reason = batch_reason(backbone) if cfg.batched else "joint.batched = false"
+        if cfg.batched and reason:
+            log.warning("joint.batched: %s; the per-task loop runs instead", reason)
+        self._engine = "loop" if reason else "batched"
+        self._batched = Batched(backbone, cfg)
+        self._graphed: GraphedGradients | None = None
+        if self._engine == "batched" and cfg.cuda_graphs and device.type == "cuda":
+            self.enable_graphs()
 
-    def step(self, images: ImageFn, tasks: Sequence[Episode]) -> dict[str, float]:
+    @property
+    def engine(self) -> str:
+        """What computes the gradients: "loop", "batched" or "batched+cuda-graphs"."""
+        if self._graphed is not None and self._graphed.failed is None:
+            return "batched+cuda-graphs"
+        return self._engine
+
+    def enable_graphs(self, **graph_options: Any) -> None:
+        """Replay the batched gradients as a graph (`GraphedGradients(..., **graph_options)`;
+        on a GPU by default when `cfg.cuda_graphs`; the tests pass a CPU stand-in)."""
+        if self._engine == "loop":
+            raise ConfigError("joint.cuda_graphs needs the batched engine (joint.batched = true)")
+        self._graphed = GraphedGradients(self._batched_gradients, **graph_options)
+
+    def gradients(self, images: ImageFn, tasks: Sequence[Episode]) -> Gradients:
+        """The meta-iteration's gradients at the current theta (see `Gradients`); moves the
+        BatchNorm running averages as the loop does (meta step first, then transfer step)."""
+        cfg = self.cfg
+        if self._engine != "loop":
+            batch = TaskBatch.gather(images, tasks)
+            if self._graphed is not None:
+                return self._graphed(batch)
+            return self._batched_gradients(batch)
+        meta = transfer = head = None
+        if cfg.uses_meta:
+            fn = reptile_gradient if cfg.meta == "reptile" else maml_gradient
+            meta = fn(self.backbone, images, tasks, cfg)
+        if cfg.uses_transfer:
+            transfer, head = transfer_gradient(self.backbone, self.transfer_head, images, tasks)
+        return meta, transfer, head
+
+    def _batched_gradients(self, batch: TaskBatch) -> Gradients:
+        cfg = self.cfg
+        meta = transfer = head = None
+        if cfg.uses_meta:
+            engine = self._batched
+            meta = engine.reptile(batch) if cfg.meta == "reptile" else engine.maml(batch)
+        if cfg.uses_transfer:
+            transfer, head = transfer_gradient_on(self.backbone, self.transfer_head, *batch.flat())
+        return meta, transfer, head
+
+    def step(
+        self, images: ImageFn, tasks: Sequence[Episode], stats: bool = True
+    ) -> dict[str, float]:
         """One meta-iteration on `tasks`; `images(idx)` gives float images (len(idx), C, H, W).
 
         Returns:
-            {"delta_meta": |theta_meta - theta|, "delta_transfer": |theta_transfer - theta|}.
+            {"delta_meta": |theta_meta - theta|, "delta_transfer": |theta_transfer - theta|}
+            for the steps computed; {} with `stats=False` (no wait for the device).
         """
-        cfg = self.cfg
         self.backbone.train()
-        params = backbone_params(self.backbone)
-        theta0 = {k: v.detach().clone() for k, v in params.items()}
-        proposals: dict[str, Params] = {}
-        if cfg.uses_meta:
-            fn = reptile_gradient if cfg.meta == "reptile" else maml_gradient
-            grads = fn(self.backbone, images, tasks, cfg)
-            proposals["meta"] = _apply(self.meta_opt, params, grads, theta0)
-        if cfg.uses_transfer:
-            grads, head_grads = transfer_gradient(self.backbone, self.transfer_head, images, tasks)
-            for p, g in zip(self.transfer_head.parameters(), head_grads, strict=True):
-                p.grad = g
-            proposals["transfer"] = _apply(self.transfer_opt, params, grads, theta0)
-        mixed = mix_parameters(theta0, proposals.get("meta"), proposals.get("transfer"), cfg)
+        named = backbone_params(self.backbone)
+        params = list(named.values())
         with torch.no_grad():
-            for k, w in params.items():
-                w.copy_(mixed[k])
+            theta0 = torch._foreach_mul(params, 1.0)  # a copy of theta
+        meta, transfer, head = self.gradients(images, tasks)
+        deltas: dict[str, list[torch.Tensor]] = {}
+        if meta is not None:
+            deltas["meta"] = _delta(self.meta_opt, params, [meta[k] for k in named], theta0)
+        if transfer is not None and head is not None:
+            for p, g in zip(self.transfer_head.parameters(), head, strict=True):
+                p.grad = g
+            grads = [transfer[k] for k in named]
+            deltas["transfer"] = _delta(self.transfer_opt, params, grads, theta0)
+        weights = dict(zip(("meta", "transfer"), mix_weights(self.cfg), strict=True))
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                torch._foreach_add_(params, delta, alpha=weights[name])
+        if not stats:
+            return {}
         return {
-            f"delta_{name}": float(
-                torch.sqrt(
-                    torch.stack([((v - theta0[k]) ** 2).sum() for k, v in prop.items()]).sum()
-                )
-            )
-            for name, prop in proposals.items()
+            f"delta_{name}": float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(d))))
+            for name, d in deltas.items()
         }
 
 
@@ -352,36 +428,45 @@ def _optimizer(kind: str, params: list[torch.Tensor], lr: float) -> torch.optim.
     return torch.optim.SGD(params, lr=lr)
 
 
-def _apply(opt: torch.optim.Optimizer, params: Params, grads: Params, theta0: Params) -> Params:
-    """One step of `opt` from theta0 with `grads`; returns the proposed weights and puts theta0
-    back into the parameters (the optimizer's state keeps the step)."""
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(theta0[k])
-            p.grad = grads[k].clone()
+def _delta(
+    opt: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    theta0: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """The step `opt` takes from theta0 (= the parameters now) with `grads`, as a list of
+    changes; the parameters are theta0 again afterwards (the optimizer's state keeps the step).
+    """
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
     opt.step()
     opt.zero_grad(set_to_none=True)
-    proposal = {k: p.detach().clone() for k, p in params.items()}
     with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(theta0[k])
-    return proposal
+        delta = torch._foreach_sub(params, theta0)
+        torch._foreach_copy_(params, theta0)
+    return delta
+
+
+def mix_weights(cfg: JointConfig) -> tuple[float, float]:
+    """(weight of the meta step, weight of the transfer step) in theta + sum w * delta:
+    paper: (beta, 1 - beta); code: (1/2, beta/2)."""
+    if cfg.mix == "paper":
+        return cfg.beta, 1.0 - cfg.beta
+    return 0.5, 0.5 * cfg.beta
 
 
 def mix_parameters(
     theta: Params, meta: Params | None, transfer: Params | None, cfg: JointConfig
 ) -> Params:
-    """Combine the proposals.
+    """Combine the proposals (weights proposed by each step; see `mix_weights`).
 
     paper: beta * meta + (1 - beta) * transfer (a missing proposal has weight 0);
     code: theta + ((meta - theta) + beta * (transfer - theta)) / 2.
     """
+    w_meta, w_transfer = mix_weights(cfg)
     out = {}
     for k, t in theta.items():
         d_meta = meta[k] - t if meta is not None else torch.zeros_like(t)
         d_tr = transfer[k] - t if transfer is not None else torch.zeros_like(t)
-        if cfg.mix == "paper":
-            out[k] = t + cfg.beta * d_meta + (1.0 - cfg.beta) * d_tr
-        else:
-            out[k] = t + 0.5 * (d_meta + cfg.beta * d_tr)
+        out[k] = t + w_meta * d_meta + w_transfer * d_tr
     return out

@@ -74,10 +74,17 @@ def save_joint_checkpoint(
 
 
 def train_joint(
-    config: Recipe | Mapping[str, Any], out: str | Path, source: str = "recipe"
+    config: Recipe | Mapping[str, Any],
+    out: str | Path,
+    source: str = "recipe",
+    time_limit_s: float = 0.0,
 ) -> Path:
     """Train the recipe's joint method into run folder `out` (refused if it has a final
     checkpoint).
+
+    Args:
+        time_limit_s: stop after this many seconds of training (0: none) and write last.pt
+            with the iteration reached (`stopped` in its metrics and the last metrics line).
 
     Returns:
         the path of the final checkpoint.
@@ -95,18 +102,20 @@ def train_joint(
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("mtl_edge").addHandler(handler)
     try:
-        _train(recipe, run, final)
+        _train(recipe, run, final, time_limit_s)
     finally:
         logging.getLogger("mtl_edge").removeHandler(handler)
         handler.close()
     return final
 
 
-def _train(recipe: Recipe, run: Run, final: Path) -> None:
+def _train(recipe: Recipe, run: Run, final: Path, time_limit_s: float) -> None:
     rt, cfg = recipe.runtime, recipe.joint
     device = resolve_device(rt)
     if rt.threads > 0:
         torch.set_num_threads(rt.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed task shapes: pick the fastest kernels
     seed_everything(rt.seed)
     preprocess = recipe.model.input_preprocess
     split = open_train_split(recipe.data, preprocess.color_mode)
@@ -124,21 +133,26 @@ def _train(recipe: Recipe, run: Run, final: Path) -> None:
     prec = resolve_precision(rt.amp, rt.channels_last, device)
     prec.model(backbone)
     learner = JointLearner(backbone, split.num_classes, cfg)
+    log.info("%s: %s engine", cfg.method, learner.engine)
     sampler = EpisodeSampler.for_split(split, cfg.ways, cfg.shots, cfg.queries, rt.seed)
     t0 = time.perf_counter()
     last: dict[str, Any] = {}
     for it in range(1, cfg.iterations + 1):
         first = (it - 1) * cfg.meta_batch
+        out_of_time = time_limit_s > 0 and time.perf_counter() - t0 >= time_limit_s
+        final_it = it == cfg.iterations or out_of_time
+        logged = it % cfg.log_every == 0 or final_it
+        tasks = sampler.episodes(cfg.meta_batch, start=first)
         with prec.autocast():
-            stats = learner.step(
-                lambda idx: prec.images(data.eval_batch(idx)),
-                sampler.episodes(cfg.meta_batch, start=first),
-            )
-        if it % cfg.log_every == 0 or it == cfg.iterations:
+            stats = learner.step(lambda idx: prec.images(data.eval_batch(idx)), tasks, logged)
+        if logged:
             last = {"iteration": it, "seconds": round(time.perf_counter() - t0, 2), **stats}
+            last |= {"engine": learner.engine} | ({"stopped": "time limit"} if out_of_time else {})
             run.log_metrics(**last)
             log.info("%s it %d/%d %s", cfg.method, it, cfg.iterations, stats)
-        if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iterations:
+        if out_of_time:
+            break
+        if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and not final_it:
             path = run.dir / f"it{it:06d}.pt"
-            save_joint_checkpoint(path, learner, recipe, last, split)
+            save_joint_checkpoint(path, learner, recipe, {**last, "iteration": it}, split)
     save_joint_checkpoint(final, learner, recipe, last, split)

@@ -186,8 +186,7 @@ class JointConfig:
         shots: support images per class (Reptile trains on support + query together).
         queries: query images per class (MAML's outer loss).
         meta_batch: tasks per meta-iteration.
-        inner_steps: SGD steps per task (k).
-        inner_lr: inner SGD learning rate (alpha).
+        inner_steps, inner_lr: SGD steps per task (k) and their learning rate (alpha).
         outer_lr: learning rate of the meta step (beta_outer).
         transfer_lr: learning rate of the transfer step.
         optimizer: "adam" (the paper) or "sgd" (the literal update formulas).
@@ -195,9 +194,10 @@ class JointConfig:
         head_init: how every task head starts (training inner loops and evaluation): "zero", or
             "prototypes" (Proto-MAML, Triantafillou et al. 2020: row c = 2 * mean feature of
             class c, bias -||mean||^2, i.e. the nearest-mean classifier under squared distance).
-        iterations: meta-iterations in all.
-        log_every: write a metrics line every this many iterations.
+        iterations, log_every: meta-iterations in all; write a metrics line every this many.
         checkpoint_every: keep an intermediate checkpoint every this many (0: only the last).
+        batched: all inner loops of a meta-batch at once (`mtl_edge.train.joint_batched`).
+        cuda_graphs: replay the batched gradients as a CUDA graph on a GPU (no effect on CPU).
     """
 
     meta: str = "reptile"
@@ -217,6 +217,8 @@ class JointConfig:
     iterations: int = 1000
     log_every: int = 50
     checkpoint_every: int = 0
+    batched: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         require(0.0 <= self.beta <= 1.0, f"joint.beta={self.beta}: must be within [0, 1]")

@@ -269,6 +269,30 @@ def register(app: typer.Typer, name: str) -> None:
         if not as_json:
             typer.echo("written: " + ", ".join(str(p) for p in paths))
 
+    @group.command("joint", help="Joint method: per-task loop vs batched meta-iteration.")
+    def joint(
+        settings: str = typer.Option("cpu-repro-32,small-16", "--settings", help="NAME[:k=v]"),
+        engines: str = typer.Option("loop,batched,cuda-graphs", "--engines"),
+        rounds: int = typer.Option(3, "--rounds"),
+        warmup: int = typer.Option(1, "--warmup"),
+        check: int = typer.Option(3, "--check", help="Steps of the equality check."),
+        threads: int = typer.Option(0, "--threads"),
+        device: str = typer.Option("auto", "--device"),
+        out: Path | None = OUT_OPT,
+        as_json: bool = JSON_OPT,
+    ) -> None:
+        from mtl_edge.bench import joint_speed as js
+        from mtl_edge.bench.latency import parse_list
+
+        cfg = js.JointSpeedConfig(
+            parse_list(settings, "--settings"), parse_list(engines, "--engines"), rounds,
+            warmup, check, threads, device,
+        )  # fmt: skip
+        report = js.make_report(cfg, js.run_joint_speed(cfg, lambda m: typer.echo(m, err=True)))
+        paths = js.write_outputs(report, out or _default_out(js.KIND))
+        typer.echo(json.dumps(report, indent=2) if as_json else js.to_markdown(report))
+        typer.echo("written: " + ", ".join(str(p) for p in paths), err=as_json)
+
     @group.command("train", help="Training img/s: FP32 eager vs bf16 vs bf16 + channels-last.")
     def train(
         backbone: str = typer.Option("resnet12", "--backbone", help="Registry backbone."),

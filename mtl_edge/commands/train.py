@@ -128,13 +128,16 @@ def register(app: typer.Typer, name: str) -> None:
         recipe: str = RECIPE_OPT,
         out: Path = OUT_OPT,
         overrides: list[str] = SET_OPT,
+        time_limit: float = typer.Option(
+            0.0, "--time-limit", help="Stop after SECONDS of training and save (0: none)."
+        ),
         as_json: bool = JSON_OPT,
     ) -> None:
         from mtl_edge.train.config import load_recipe, recipe_source
         from mtl_edge.train.joint_train import train_joint
 
         cfg = load_recipe(recipe, overrides)
-        path = train_joint(cfg, out, recipe_source(recipe, overrides))
+        path = train_joint(cfg, out, recipe_source(recipe, overrides), time_limit)
         if as_json:
             typer.echo(json.dumps({"checkpoint": str(path), "method": cfg.joint.method}))
         else:
