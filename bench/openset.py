@@ -43,6 +43,7 @@ from mtl_edge.errors import ConfigError, DatasetError
 from mtl_edge.fewshot.fc import HeadRecipe, head_logits, softmax
 from mtl_edge.gallery import Gallery
 from mtl_edge.gallery.calibration import (
+    REJECTIONS,
     Scorer,
     balanced_threshold,
     leave_out_scores,
@@ -201,7 +202,7 @@ def run_episode(
     k, shots, q = cfg.enrolled, episode.shots, episode.queries
     gallery = Gallery(
         bundle.model_id, bundle.feature_dim, bundle.head, "float16", bundle.meta_init(),
-        bundle.backbone_name, variant=variant,
+        bundle.backbone_name, variant=variant, rejection="probability",
     )  # fmt: skip
     for j in range(k):
         gallery.add_class(f"class-{j}", table[episode.support[j * shots : (j + 1) * shots]])
@@ -212,13 +213,22 @@ def run_episode(
     truth = np.repeat(np.arange(episode.ways), q)
     logits = head_logits(queries, head)
     predicted = logits.argmax(axis=1)
-    device = gallery.predict(queries)
     out: dict[str, Any] = {
         "closed_accuracy": 100.0 * float(np.mean(predicted[is_known] == truth[is_known])),
-        "device_known_accepted": 100.0 * float(np.mean([p.known for p in device][: k * q])),
         "scores": {},
         "metrics": {},
+        "device": {},
     }
+    device_cuts = {}
+    for rule in REJECTIONS:  # the gallery's own rules: its threshold and verdicts
+        gallery.set_rejection(rule)
+        gallery.fit()
+        device_cuts[rule] = gallery.threshold
+        accepted = np.array([p.known for p in gallery.predict(queries)])
+        out["device"][rule] = {
+            "known_accepted": 100.0 * float(accepted[is_known].mean()),
+            "unknown_rejected": 100.0 * float(1.0 - accepted[~is_known].mean()),
+        }
     for rule in RULES:
         s = (
             max_cosine(queries, prototypes(x, y, k))
@@ -233,9 +243,9 @@ def run_episode(
             "balanced": balanced_threshold(known_loo, unknown_loo),
             "percentile": percentile_threshold(known_loo),
         }
-        if rule == "probability":
+        if rule in device_cuts:
             # the gallery's stored threshold is this cut clipped to [0, 1]; use it as is
-            cuts["balanced"] = gallery.threshold
+            cuts["balanced"] = device_cuts[rule]
         out["scores"][rule] = (sk, su)
         out["metrics"][(rule, "auroc")] = 100.0 * auroc(sk, su)
         for cut_name, t in cuts.items():
@@ -321,10 +331,14 @@ def run_openset(
                 **info,
                 "closed_accuracy": closed,
                 "closed_accuracy_ci95": closed_ci,
-                # Gallery.predict's own verdicts: equal to the probability / balanced row
-                "device_known_accepted": float(
-                    np.mean([e["device_known_accepted"] for e in per_episode])
-                ),
+                # Gallery.predict's own verdicts: equal to the rule's balanced row
+                "device": {
+                    rule: {
+                        m: float(np.mean([e["device"][rule][m] for e in per_episode]))
+                        for m in ("known_accepted", "unknown_rejected")
+                    }
+                    for rule in REJECTIONS
+                },
                 **_summary(per_episode),
                 "roc": _pooled_roc(per_episode),
             }
@@ -373,8 +387,12 @@ def openset_markdown(report: dict[str, Any]) -> str:
             f"## {block['precision']} ({block['variant']}, {block['provider']})",
             "",
             f"Closed-set accuracy of the head on known queries: "
-            f"{_fmt(block['closed_accuracy'])} +- {_fmt(block['closed_accuracy_ci95'])}; "
-            f"Gallery.predict accepted {_fmt(block['device_known_accepted'])} % of known queries.",
+            f"{_fmt(block['closed_accuracy'])} +- {_fmt(block['closed_accuracy_ci95'])}. "
+            "Gallery.predict's own verdicts (known accepted / unknown rejected): "
+            + "; ".join(
+                f"{rule} {_fmt(d['known_accepted'])} / {_fmt(d['unknown_rejected'])}"
+                for rule, d in block["device"].items()
+            ),
             "",
         ]
         header = [

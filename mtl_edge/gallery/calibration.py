@@ -32,6 +32,8 @@ CALIBRATION_BUDGET = 3e9
 #: Rejection rules; "probability" is what a gallery without the setting uses.
 REJECTIONS = ("probability", "cosine")
 DEFAULT_REJECTION = "probability"
+#: The rule of a gallery made now (chosen by `mtl-edge bench openset`; docs/device.md).
+NEW_GALLERY_REJECTION = "cosine"
 #: The known-score percentile used when no class can be held out.
 KNOWN_PERCENTILE = 0.05
 
