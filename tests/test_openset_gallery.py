@@ -140,3 +140,22 @@ def test_max_cosine_of_a_prototype_is_one() -> None:
     protos = prototypes(x, y, 3)
     np.testing.assert_allclose(np.linalg.norm(protos, axis=1), 1.0)
     np.testing.assert_allclose(max_cosine(protos * 3.0, protos), 1.0)
+
+
+def test_reextract_keeps_the_rule_and_a_manual_threshold(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from device_fixtures import make_bundle, make_class_folders
+
+    from mtl_edge.enroller import Enroller
+    from mtl_edge.gallery import edit_gallery
+
+    photos = make_class_folders(tmp_path / "photos", ("red", "green", "blue"), per_class=3)
+    path = tmp_path / "g.gallery"
+    Enroller(make_bundle(tmp_path / "a").root, path).enroll_folder(photos)
+    assert Gallery.load(path).rejection == NEW_GALLERY_REJECTION
+    with edit_gallery(path) as g:
+        g.set_rejection("probability")  # an old gallery's rule, with a probability threshold
+        g.set_threshold(0.7)
+    Enroller(make_bundle(tmp_path / "b", seed=5).root, path).reextract()
+    g = Gallery.load(path)
+    assert (g.rejection, g.threshold_mode, g.threshold) == ("probability", "manual", 0.7)
