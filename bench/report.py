@@ -19,7 +19,7 @@ from mtl_edge.errors import ConfigError
 
 SCHEMA = "mtl-edge.bench"
 VERSION = 1
-KINDS = ("latency", "accuracy", "enroll", "train", "serve")
+KINDS = ("latency", "accuracy", "enroll", "train", "serve", "openset")
 
 
 def environment() -> dict[str, Any]:
@@ -262,6 +262,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         from mtl_edge.bench import serve_report
 
         return serve_report.to_markdown(report)
+    if kind == "openset":
+        from mtl_edge.bench.openset import openset_markdown
+
+        return openset_markdown(report)
     return {
         "latency": latency_markdown,
         "accuracy": accuracy_markdown,
@@ -277,4 +281,8 @@ def write_outputs(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     save_report(report, json_path)
     atomic_write_bytes(md_path, to_markdown(report).encode())
+    if report["kind"] == "openset":
+        from mtl_edge.bench.openset import plot_openset
+
+        return [json_path, md_path, plot_openset(report, out / f"{stem}.png")]
     return [json_path, md_path, *plot_report(report, out, stem)]

@@ -395,6 +395,7 @@ class Enroller:
             batch.append((cls.name, features, sources))
         fresh = self._new_gallery()
         fresh.feature_dtype = old.feature_dtype
+        fresh.set_rejection(old.rejection)  # before the threshold, whose meaning it sets
         for name, features, sources in batch:
             fresh.add_class(name, features, sources)
         if old.threshold_mode == "manual":

@@ -1,4 +1,4 @@
-"""`mtl-edge bench latency|accuracy|enroll|train|serve|compare`: benchmarks, JSON + Markdown.
+"""`mtl-edge bench latency|accuracy|enroll|openset|train|serve|compare`: JSON + Markdown.
 
 Heavy imports (torch, onnxruntime, matplotlib) happen inside the commands, so `mtl-edge bench
 --help` stays fast.
@@ -229,6 +229,43 @@ def register(app: typer.Typer, name: str) -> None:
             budget=_timing(min_time, min_runs, 0.1, 3),
         )
         _report("enroll", cfg, enroll_bench.run_enroll(cfg), out, as_json)
+
+    @group.command("openset", help="Open-set rejection: AUROC, known accepted, unknown rejected.")
+    def openset(
+        bundle: Path = typer.Option(
+            ..., "--bundle", "-b", envvar="MTL_EDGE_BUNDLE", help="Model bundle folder."
+        ),
+        data: Path | None = typer.Option(
+            None, "--data", help="Class folders (default: <data root>/miniimagenet)."
+        ),
+        split: str = typer.Option("test", "--split", help="Split sub-folder ('' for none)."),
+        episodes: int = typer.Option(200, "--episodes"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the episode list."),
+        enrolled: int = typer.Option(5, "--enrolled", help="Classes enrolled per episode."),
+        unknown: int = typer.Option(5, "--unknown", help="Unenrolled classes per episode."),
+        shots: int = typer.Option(5, "--shots", help="Photos enrolled per class."),
+        queries: int = typer.Option(15, "--queries", help="Query photos per class."),
+        backend: str = typer.Option("onnxruntime", "--backend"),
+        precisions: str = typer.Option("fp32", "--precisions", help="fp32, int8-cpu or both."),
+        threads: int | None = typer.Option(None, "--threads"),
+        cache: Path | None = typer.Option(None, "--cache", help="Folder for feature .npy."),
+        out: Path | None = OUT_OPT,
+        as_json: bool = JSON_OPT,
+    ) -> None:
+        from mtl_edge.bench import openset as ops
+        from mtl_edge.bench.latency import parse_list
+        from mtl_edge.commands.enroll import progress_bar
+        from mtl_edge.data.registry import data_root
+
+        cfg = ops.OpenSetConfig(
+            bundle=bundle, data=data or data_root() / "miniimagenet", split=split or None,
+            episodes=episodes, seed=seed, enrolled=enrolled, unknown=unknown, shots=shots,
+            queries=queries, backend=backend, precisions=parse_list(precisions, "--precisions"),
+            threads=threads, cache=cache,
+        )  # fmt: skip
+        with progress_bar("extracting features") as progress:
+            results = ops.run_openset(cfg, progress)
+        _report("openset", cfg, results, out, as_json)
 
     @group.command("serve", help="Loopback load on `mtl-edge serve`, batching off and on.")
     def serve(

@@ -22,7 +22,14 @@ import numpy as np
 
 from mtl_edge.errors import GalleryError, shown
 from mtl_edge.fewshot.fc import HeadRecipe, HeadWeights, fit_head, predict_proba
-from mtl_edge.gallery.calibration import calibrate_threshold
+from mtl_edge.gallery.calibration import (
+    DEFAULT_REJECTION,
+    NEW_GALLERY_REJECTION,
+    REJECTIONS,
+    calibrate_threshold,
+    max_cosine,
+    prototypes,
+)
 
 UNKNOWN = "unknown"
 MODEL_ID_FORMAT = 2
@@ -41,22 +48,26 @@ class Prediction:
     """One classified image.
 
     Attributes:
-        label: the class name, or "unknown" when the top probability is under the threshold.
+        label: the class name, or "unknown" when the rejection score is under the threshold.
         probability: the top class probability.
         known: False when rejected as unknown.
         top_k: the best `top_k` (class name, probability) pairs, best first.
+        score: what the threshold was compared with: the top probability under the
+            "probability" rejection rule, the largest prototype cosine under "cosine".
     """
 
     label: str
     probability: float
     known: bool
     top_k: list[tuple[str, float]]
+    score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "probability": self.probability,
             "known": self.known,
+            "score": self.probability if self.score is None else self.score,
             "top_k": [{"label": n, "probability": p} for n, p in self.top_k],
         }
 
@@ -152,6 +163,9 @@ class Gallery:
         backbone: the bundle's backbone name, for messages.
         variant: the bundle variant that extracted the features ("fp32", "int8-cpu", ...);
             None when not recorded (then any variant is accepted).
+        rejection: the open-set rule, "probability" or "cosine"
+            (`mtl_edge.gallery.calibration`); a gallery file without the setting is
+            "probability".
     """
 
     def __init__(
@@ -163,6 +177,7 @@ class Gallery:
         meta_init: tuple[np.ndarray, np.ndarray] | None = None,
         backbone: str = "",
         variant: str | None = None,
+        rejection: str = NEW_GALLERY_REJECTION,
     ) -> None:
         if feature_dtype not in FEATURE_DTYPES:
             raise GalleryError(f"feature dtype {feature_dtype!r}: use float16 or float32")
@@ -180,6 +195,8 @@ class Gallery:
         #: "auto": recalibrated by leave-one-out at every fit; "manual": set by the user.
         self.threshold_mode = "auto"
         self.threshold = 0.0
+        self.rejection = DEFAULT_REJECTION
+        self.set_rejection(rejection)
         self.calibration: dict[str, Any] = {}
         self.generation = 0
         self.created = now()
@@ -325,9 +342,28 @@ class Gallery:
         self.threshold_mode, self.threshold = "manual", float(value)
         self.calibration = {"method": "manual"}
 
+    def set_rejection(self, rule: str) -> None:
+        """Use the open-set rule `rule` ("probability" or "cosine"). A change of rule makes
+        the threshold "auto" again: a threshold set for one score means nothing for the other.
+        """
+        if not isinstance(rule, str) or rule not in REJECTIONS:
+            raise GalleryError(f"rejection {shown(rule)}: use one of {', '.join(REJECTIONS)}")
+        if rule != self.rejection:
+            self.rejection = rule
+            self.set_threshold(None)
+
     def _calibrate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, Any]]:
         """Leave-one-out calibration (`mtl_edge.gallery.calibration.calibrate_threshold`)."""
-        return calibrate_threshold(x, y, len(self.classes), self.recipe.steps, self._fit)
+        return calibrate_threshold(
+            x, y, len(self.classes), self.recipe.steps, self._fit, self.rejection
+        )
+
+    def scores(self, features: np.ndarray, proba: np.ndarray) -> np.ndarray:
+        """Rejection scores (N,) of features (N, D) whose head probabilities are (N, ways)."""
+        if self.rejection == "cosine":
+            x, y = self.features_and_labels()
+            return max_cosine(features, prototypes(x, y, len(self.classes)))
+        return proba.max(axis=1).astype(np.float64)
 
     def predict(
         self, features: np.ndarray, top_k: int = 1, threshold: float | None = None
@@ -357,13 +393,15 @@ class Gallery:
         if not 0.0 <= cut <= 1.0:
             raise GalleryError(f"threshold {cut}: use a probability in [0, 1]")
         proba = predict_proba(x, self.head)
+        scores = self.scores(x, proba)
         names = self.class_names
         order = np.argsort(-proba, axis=1, kind="stable")[:, :top_k]
         out = []
-        for row, idx in zip(proba, order, strict=True):
+        for row, idx, score in zip(proba, order, scores, strict=True):
             top = [(names[j], float(row[j])) for j in idx]
-            known = top[0][1] >= cut
-            out.append(Prediction(top[0][0] if known else UNKNOWN, top[0][1], known, top))
+            score = top[0][1] if self.rejection == DEFAULT_REJECTION else float(score)
+            known = score >= cut
+            out.append(Prediction(top[0][0] if known else UNKNOWN, top[0][1], known, top, score))
         return out
 
     # ------------------------------------------------------------ persistence
@@ -423,6 +461,7 @@ class Gallery:
             "head_init": None if self.head is None else self.head.init,
             "threshold": self.threshold,
             "threshold_mode": self.threshold_mode,
+            "rejection": self.rejection,
             "calibration": self.calibration,
             "generation": self.generation,
             "created": self.created,

@@ -44,6 +44,7 @@ import numpy as np
 
 from mtl_edge.atomicio import atomic_write, file_lock, fsync_dir
 from mtl_edge.errors import GalleryError, one_line, shown
+from mtl_edge.gallery.calibration import DEFAULT_REJECTION
 from mtl_edge.gallery.state import Gallery, now
 from mtl_edge.gallery.validate import Invalid, build_gallery
 from mtl_edge.jsonfile import parse_json
@@ -127,13 +128,22 @@ def _members(g: Gallery) -> dict[str, bytes]:
             for c in g.classes.values()
         ],
         "head": None if g.head is None else {"normalize": g.head.normalize, "init": g.head.init},
-        "threshold": {"value": g.threshold, "mode": g.threshold_mode, "calibration": g.calibration},
+        "threshold": _threshold_doc(g),
         "generation": g.generation,
         "created": g.created,
         "modified": now(),
     }
     members["gallery.json"] = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode()
     return members
+
+
+def _threshold_doc(g: Gallery) -> dict[str, object]:
+    doc = {"value": g.threshold, "mode": g.threshold_mode, "calibration": g.calibration}
+    if g.rejection != DEFAULT_REJECTION:
+        # written only when set, so that a "probability" gallery stays readable by mtl-edge
+        # versions from before rejection rules
+        doc["rejection"] = g.rejection
+    return doc
 
 
 def gallery_bytes(g: Gallery) -> bytes:

@@ -17,6 +17,7 @@ import numpy as np
 
 from mtl_edge.errors import MtlEdgeError, shown
 from mtl_edge.fewshot.fc import HEAD_INITS, HeadRecipe, HeadWeights
+from mtl_edge.gallery.calibration import DEFAULT_REJECTION, REJECTIONS
 from mtl_edge.gallery.state import (
     FEATURE_DTYPES,
     MAX_FEATURE_DIM,
@@ -109,8 +110,8 @@ def _recipe(value: Any) -> HeadRecipe:
         raise Invalid(f"recipe: {e}") from None
 
 
-def _threshold(value: Any) -> tuple[float, str, dict[str, Any]]:
-    value = _object(value, "threshold", {"value", "mode", "calibration"})
+def _threshold(value: Any) -> tuple[float, str, dict[str, Any], str]:
+    value = _object(value, "threshold", {"value", "mode", "calibration", "rejection"})
     cut, mode = value.get("value"), value.get("mode")
     if (
         not isinstance(cut, int | float)
@@ -121,7 +122,11 @@ def _threshold(value: Any) -> tuple[float, str, dict[str, Any]]:
         raise Invalid(f"threshold.value={shown(cut)}: need a probability in [0, 1]")
     if mode not in ("auto", "manual"):
         raise Invalid(f"threshold.mode={shown(mode)}: need 'auto' or 'manual'")
-    return float(cut), mode, _object(value.get("calibration", {}), "threshold.calibration")
+    rejection = value.get("rejection", DEFAULT_REJECTION)  # absent before rules existed
+    if rejection not in REJECTIONS:
+        raise Invalid(f"threshold.rejection={shown(rejection)}: need one of {REJECTIONS}")
+    calibration = _object(value.get("calibration", {}), "threshold.calibration")
+    return float(cut), mode, calibration, rejection
 
 
 def _array(
@@ -188,7 +193,7 @@ def build_gallery(doc: Any, members: dict[str, bytes]) -> Gallery:
         weight = _array(members, "head_weight.npy", "<f4", (ways, dim))
         bias = _array(members, "head_bias.npy", "<f4", (ways,))
         g.head = HeadWeights(weight, bias, head["normalize"], head["init"])
-    g.threshold, g.threshold_mode, g.calibration = _threshold(doc.get("threshold"))
+    g.threshold, g.threshold_mode, g.calibration, g.rejection = _threshold(doc.get("threshold"))
     g.generation = _int(doc.get("generation"), "generation", 0, 2**62)
     g.created = _text(doc.get("created", ""), "created")
     g.model_id_format = _int(doc.get("model_id_format", 1), "model_id_format", 1, 2)
