@@ -72,6 +72,10 @@ def test_enroll_predict_and_gallery_round_trip(env: dict[str, Path], tmp_path: P
     info = json.loads(run("gallery", "info", g, "--json").stdout)
     assert info["threshold"] == 0.4 and info["threshold_mode"] == "manual"
     assert info["previous_copy"] is not None and info["examples"] == 11
+    assert info["rejection"] == "cosine"  # new galleries
+    switched = json.loads(run("gallery", "rejection", g, "probability", "--json").stdout)
+    assert (switched["rejection"], switched["mode"]) == ("probability", "auto")
+    assert "rejection probability" in run("gallery", "info", g).stdout
 
 
 def test_bad_input_gives_one_error_line(env: dict[str, Path], tmp_path: Path) -> None:
@@ -90,6 +94,7 @@ def test_bad_input_gives_one_error_line(env: dict[str, Path], tmp_path: Path) ->
     assert_one_error(run("predict", *common, photos / "red" / "0.jpg", "--top-k", "0"), "--top-k")
     assert_one_error(run("enroll", *common, "--precision", "bf16", "--class", "z", *reds), "bf16")
     assert_one_error(run("gallery", "threshold", g, "high"), "threshold 'high'")
+    assert_one_error(run("gallery", "rejection", g, "energy"), "rejection 'energy'")
     from mtl_edge.backends import available_backends
 
     if available_backends()["tensorrt"] is not None:

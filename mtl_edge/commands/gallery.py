@@ -48,7 +48,8 @@ def register(app: typer.Typer, name: str) -> None:
                 f"as {data['feature_dtype']})",
                 f"head: {recipe['steps']} steps at lr {recipe['lr']}, init {recipe['init']} "
                 f"(used: {data['head_init']}), normalize {recipe['normalize']}",
-                f"threshold: {data['threshold']:.3f} ({data['threshold_mode']}) "
+                f"threshold: {data['threshold']:.3f} ({data['threshold_mode']}, rejection "
+                f"{data['rejection']}) "
                 f"{json.dumps(data['calibration'])}",
                 f"classes: {len(data['classes'])}, images: {data['examples']}",
                 f"previous copy: {data['previous_copy'] or 'none'}",
@@ -98,6 +99,24 @@ def register(app: typer.Typer, name: str) -> None:
             g.set_threshold(parsed)
         data = {"threshold": g.threshold, "mode": g.threshold_mode}
         _echo(as_json, data, f"threshold {g.threshold:.3f} ({g.threshold_mode})")
+
+    @sub.command(
+        "rejection",
+        help="Set the open-set rule: cosine (to the class prototypes) or probability; the "
+        "threshold goes back to auto.",
+    )
+    def rejection(
+        gallery: Path = GALLERY_ARG,
+        rule: str = typer.Argument(..., help="cosine or probability."),
+        as_json: bool = JSON_OPT,
+    ) -> None:
+        from mtl_edge.gallery import edit_gallery
+
+        with edit_gallery(gallery) as g:
+            g.set_rejection(rule)
+        data = {"rejection": g.rejection, "threshold": g.threshold, "mode": g.threshold_mode}
+        text = f"rejection {g.rejection}, threshold {g.threshold:.3f} ({g.threshold_mode})"
+        _echo(as_json, data, text)
 
     @sub.command(
         "restore",

@@ -73,6 +73,10 @@ class PredictionOut(BaseModel):
     image: str = Field(description="The uploaded file name.")
     label: str = Field(description="The best class, or 'unknown' when rejected.")
     probability: float
+    score: float = Field(
+        description="What the threshold was compared with: the top probability under the "
+        "'probability' rejection rule, the largest prototype cosine under 'cosine'."
+    )
     known: bool
     top_k: list[TopK]
 
