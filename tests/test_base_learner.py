@@ -151,7 +151,9 @@ def test_batched_loop_shapes_and_no_grad() -> None:
     x, y, _, _ = _tasks_batch(tasks=2)
     per_task_init = torch.randn(2, 4, 8, dtype=torch.float64)
     with torch.no_grad():
-        w, b = batched_inner_loop(x, y, per_task_init, torch.zeros(2, 4, dtype=torch.float64), 3, 0.3)
+        w, b = batched_inner_loop(
+            x, y, per_task_init, torch.zeros(2, 4, dtype=torch.float64), 3, 0.3
+        )
     assert w.shape == (2, 4, 8) and b.shape == (2, 4) and not w.requires_grad
     ref, _ = inner_loop(x[1], y[1], per_task_init[1], torch.zeros(4, dtype=torch.float64), 3, 0.3)
     torch.testing.assert_close(w[1], ref)

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -190,7 +189,10 @@ class MetaTransferLearner(nn.Module):
         }
         if s.inner_loop == "batched":
             return batched_inner_loop(support_features, support_y, weight, bias, **kw)
-        fast = [inner_loop(f, y, weight, bias, **kw) for f, y in zip(support_features, support_y)]
+        fast = [
+            inner_loop(f, y, weight, bias, **kw)
+            for f, y in zip(support_features, support_y, strict=True)
+        ]
         return torch.stack([w for w, _ in fast]), torch.stack([b for _, b in fast])
 
     def adapt(
