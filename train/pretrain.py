@@ -104,7 +104,7 @@ def pretrain(
 
     Returns:
         {"checkpoint": best.pt, "last": last.pt, "images": training images processed (all
-         ranks), "work": {"train_images", "eval_images"} (for `mtl_edge.train.flops`),
+         ranks), "work": {"train_images", "eval_images", "classes"} (`mtl_edge.train.flops`),
          "best_val": best validation accuracy (percent) or None, "rank",
          "param_checksum": sum of the backbone's parameters (equal on every rank)}.
 
@@ -355,7 +355,11 @@ def pretrain(
         "checkpoint": str(best_path),
         "last": str(last_path),
         "images": images,
-        "work": {"train_images": images, "eval_images": eval_images},
+        "work": {
+            "train_images": images,
+            "eval_images": eval_images,
+            "classes": train_split.num_classes,
+        },
         "best_val": best if best >= 0 else None,
         "rank": ctx.rank,
         "param_checksum": dist_util.param_checksum(backbone),

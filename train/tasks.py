@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mtl_edge.data.episodes import Episode
+from mtl_edge.train.gpu_data import to_device
 
 
 @dataclass
@@ -47,16 +48,6 @@ class Task:
     @property
     def ways(self) -> int:
         return len(self.classes)
-
-
-def to_device(array: np.ndarray, device: torch.device | str | None) -> torch.Tensor:
-    """A numpy array as a tensor on `device`; to a GPU through pinned memory without waiting
-    (a plain copy from pageable memory would synchronise the host with the GPU)."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    dev = torch.device(device) if device is not None else t.device
-    if dev.type == "cuda":
-        return t.pin_memory().to(dev, non_blocking=True)
-    return t.to(dev)
 
 
 def make_task(
