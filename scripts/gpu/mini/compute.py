@@ -60,7 +60,9 @@ def smoke(out: Path, overrides: list[str]) -> dict[str, object]:
         "second_order": cfg.meta.second_order,
         "checkpoint_features": list(feats.shape),
         "wall_s": round(time.perf_counter() - t0, 1),
-        "stages": {k: {"status": v["status"], "wall_s": v["wall_s"]} for k, v in record["stages"].items()},
+        "stages": {
+            k: {"status": v["status"], "wall_s": v["wall_s"]} for k, v in record["stages"].items()
+        },
     }
     (out / "smoke.json").write_text(json.dumps(result, indent=1))
     return result
@@ -80,7 +82,9 @@ def train(recipe: str, run: Path, deadline_s: float, overrides: list[str]) -> in
     record = run_pipeline(cfg, recipe_source(recipe, overrides), run, "pretrain,meta")
     timer.cancel()
     for name, e in record["stages"].items():
-        print(f"{name}: {e['status']} in {e['wall_s']:.1f} s, {e.get('images_per_s') or 0:.0f} img/s")
+        print(
+            f"{name}: {e['status']} in {e['wall_s']:.1f} s, {e.get('images_per_s') or 0:.0f} img/s"
+        )
     return 0 if all(e["status"] == "done" for e in record["stages"].values()) else 1
 
 

@@ -19,7 +19,6 @@ command (device.sh compute): smoke, pre-training, meta-transfer, results packed 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,9 +112,17 @@ def call_seconds(plan: dict[str, Any], call: dict[str, Any], worst: bool = False
     command (and for the compute call, its files coming back)."""
     est = plan["estimate_s"]
     s = est["call_overhead"] + call_bytes(plan, call) / MIB / est["transfer_mib_per_s"]
-    s += (est["start_worst"] if worst else est["start"]) if call["n"] == 1 else est["gap_between_calls"]
+    s += (
+        (est["start_worst"] if worst else est["start"])
+        if call["n"] == 1
+        else est["gap_between_calls"]
+    )
     if call["compute"]:
-        return s + compute_seconds(plan, worst) + returned_bytes(plan) / MIB / est["transfer_mib_per_s"]
+        return (
+            s
+            + compute_seconds(plan, worst)
+            + returned_bytes(plan) / MIB / est["transfer_mib_per_s"]
+        )
     return s + est["receive_command"]
 
 

@@ -113,14 +113,18 @@ def pack(run: Path, out: Path, part_mib: float = 15, max_parts: int = 6) -> dict
             break
     n = -(-len(data) // part)
     if n > max_parts:
-        raise ResultsError(f"{n} parts of {part_mib} MiB even in bf16: over the {max_parts} allowed")
+        raise ResultsError(
+            f"{n} parts of {part_mib} MiB even in bf16: over the {max_parts} allowed"
+        )
     out.mkdir(parents=True, exist_ok=True)
     parts = []
     for i in range(n):
         chunk = data[i * part : (i + 1) * part]
         name = f"results.tar.part{i + 1:02d}"
         (out / name).write_bytes(chunk)
-        parts.append({"file": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()})
+        parts.append(
+            {"file": name, "bytes": len(chunk), "sha256": hashlib.sha256(chunk).hexdigest()}
+        )
     record = {
         "schema": "mtl-edge.mini-results",
         "dtype": dtype,
@@ -139,7 +143,9 @@ def restore(files_at: Path, dest: Path) -> dict[str, Any]:
     from mtl_edge.train.checkpoint import save_checkpoint
 
     if not (files_at / RESULTS).is_file():
-        raise ResultsError(f"{files_at / RESULTS}: missing; pass the folder the device call returned")
+        raise ResultsError(
+            f"{files_at / RESULTS}: missing; pass the folder the device call returned"
+        )
     record = json.loads((files_at / RESULTS).read_text())
     chunks = []
     for p in record["parts"]:
@@ -181,7 +187,8 @@ def main(argv: list[str]) -> int:
     try:
         if args.cmd == "pack":
             rec = pack(args.run, args.out, args.part_mib, args.max_parts)
-            print(f"results: {len(rec['parts'])} part(s), {rec['bytes'] / MIB:.1f} MiB, {rec['dtype']}")
+            size = f"{rec['bytes'] / MIB:.1f} MiB"
+            print(f"results: {len(rec['parts'])} part(s), {size}, {rec['dtype']}")
         else:
             rec = restore(args.files_at, args.dest)
             print(f"restored {len(rec['checkpoints'])} checkpoint(s) into {args.dest / 'run'}")
