@@ -5,6 +5,7 @@ $OUT, finish.py on what comes back."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,10 +19,21 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 MINI = REPO / "scripts" / "gpu" / "mini"
-sys.path.insert(0, str(MINI))
-import plan as plan_mod  # noqa: E402
-import results  # noqa: E402
-import shards  # noqa: E402
+
+
+def _load(name: str):
+    """A module of scripts/gpu/mini under its own name (scripts/gpu/inference has a plan.py
+    too, and the suite imports both)."""
+    spec = importlib.util.spec_from_file_location(f"gpu_mini_{name}", MINI / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+shards = _load("shards")
+plan_mod = _load("plan")
+results = _load("results")
 
 MIB = 1 << 20
 
