@@ -11,8 +11,12 @@ Steps:
 
 - "pretrain": one SGD (Nesterov momentum) step of the backbone + a linear classifier over
   `classes` outputs on a batch of `batch` images, cross-entropy in FP32;
-- "meta": one meta-transfer step (`MetaTransferLearner.meta_step`) on a 5-way `shots`-shot task
-  with 15 queries per class: SS encoder forward under the precision, FC inner loop in FP32.
+- "meta": one meta-transfer step (`MetaTransferLearner.meta_step`) on a meta-batch of
+  `meta_batch` 5-way `shots`-shot tasks with 15 queries per class: SS encoder forward under the
+  precision (compiled with "+compile"), the FC inner loop in FP32, batched over the tasks with
+  its closed-form gradient; "+loop" runs the per-task autograd inner loop instead (the
+  reference, `meta.inner_loop = "autograd"`), so `--modes fp32,fp32+loop` measures what the
+  batched loop gains, as a ratio in one run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 
 from mtl_edge.errors import ConfigError
 
-MODES = ("fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+cl+compile")
+MODES = ("fp32", "fp32+cl", "bf16", "bf16+cl", "bf16+cl+compile", "fp32+loop", "bf16+cl+loop")
 STEPS = ("pretrain", "meta")
 
 
@@ -38,7 +42,7 @@ class TrainSpeedConfig:
         image_size: input side (pixels); in_channels come from backbone_args (default 3).
         batch: images per pre-training step.
         step: "pretrain" or "meta".
-        shots, inner_steps: the meta step's task and FC inner loop (step "meta").
+        shots, inner_steps, meta_batch: the meta step's tasks and FC inner loop (step "meta").
         classes: outputs of the pre-training classifier.
         modes: subset of `MODES`, in timing order; "fp32" (the reference) is added if missing.
         rounds, steps_per_round: interleaved rounds and timed steps of each mode per round.
@@ -54,6 +58,7 @@ class TrainSpeedConfig:
     step: str = "pretrain"
     shots: int = 1
     inner_steps: int = 20
+    meta_batch: int = 1
     classes: int = 64
     modes: list[str] = field(default_factory=lambda: ["fp32", "bf16", "bf16+cl"])
     rounds: int = 3
@@ -68,14 +73,18 @@ class TrainSpeedConfig:
             raise ConfigError(f"--modes {','.join(bad)}: use some of {', '.join(MODES)}")
         if self.step not in STEPS:
             raise ConfigError(f"--step {self.step!r}: use pretrain or meta")
-        if min(self.batch, self.rounds, self.steps_per_round, self.image_size) < 1:
-            raise ConfigError("--batch, --rounds, --steps and --image-size must be >= 1")
+        if min(self.batch, self.rounds, self.steps_per_round, self.image_size, self.meta_batch) < 1:
+            raise ConfigError(
+                "--batch, --rounds, --steps, --image-size and --meta-batch must be >= 1"
+            )
+        if self.step == "pretrain" and any("loop" in m for m in self.modes):
+            raise ConfigError("--modes ...+loop: the inner loop is a --step meta mode")
         if "fp32" not in self.modes:
             self.modes = ["fp32", *self.modes]
 
 
 def _parse_mode(mode: str) -> tuple[bool, bool, bool]:
-    """mode name -> (bf16, channels_last, compile)."""
+    """mode name -> (bf16, channels_last, compile); "loop" is read by the meta step."""
     parts = mode.split("+")
     return parts[0] == "bf16", "cl" in parts, "compile" in parts
 
@@ -119,30 +128,35 @@ def _meta_step(cfg: TrainSpeedConfig, mode: str) -> tuple[Callable[[], None], in
     from mtl_edge.train.precision import Precision
 
     bf16, cl, compiled = _parse_mode(mode)
-    if compiled:
-        raise ConfigError("--step meta: torch.compile is measured for pre-training only")
     prec = Precision("cpu", torch.bfloat16 if bf16 else None, cl, mode)
     torch.manual_seed(cfg.seed)
     learner = MetaTransferLearner(
-        create_backbone(cfg.backbone, **cfg.backbone_args), 5, inner_steps=cfg.inner_steps
+        create_backbone(cfg.backbone, **cfg.backbone_args),
+        5,
+        inner_steps=cfg.inner_steps,
+        inner_loop="autograd" if "loop" in mode.split("+") else "batched",
     )
     learner.autocast = prec.autocast
+    learner.compile = compiled
     prec.model(learner.encoder)
     opt = learner.make_optimizer()
     gen = torch.Generator().manual_seed(cfg.seed)
     c, s = learner.encoder.in_channels, cfg.image_size  # type: ignore[attr-defined]
-    task = Task(
-        support_x=prec.images(torch.randn(5 * cfg.shots, c, s, s, generator=gen)),
-        support_y=torch.arange(5).repeat_interleave(cfg.shots),
-        query_x=prec.images(torch.randn(75, c, s, s, generator=gen)),
-        query_y=torch.arange(5).repeat_interleave(15),
-        classes=np.arange(5),
-    )
+    tasks = [
+        Task(
+            support_x=prec.images(torch.randn(5 * cfg.shots, c, s, s, generator=gen)),
+            support_y=torch.arange(5).repeat_interleave(cfg.shots),
+            query_x=prec.images(torch.randn(75, c, s, s, generator=gen)),
+            query_y=torch.arange(5).repeat_interleave(15),
+            classes=np.arange(5),
+        )
+        for _ in range(cfg.meta_batch)
+    ]
 
     def step() -> None:
-        learner.meta_step([task], opt)
+        learner.meta_step(tasks, opt)
 
-    return step, 5 * (cfg.shots + 15)
+    return step, 5 * (cfg.shots + 15) * cfg.meta_batch
 
 
 def run_train_speed(cfg: TrainSpeedConfig) -> dict[str, Any]:
@@ -200,7 +214,7 @@ def run_train_speed(cfg: TrainSpeedConfig) -> dict[str, Any]:
             }
         )
     channels = int(cfg.backbone_args.get("in_channels", 3))
-    batch = cfg.batch if cfg.step == "pretrain" else 5 * (cfg.shots + 15)
+    batch = cfg.batch if cfg.step == "pretrain" else 5 * (cfg.shots + 15) * cfg.meta_batch
     return {
         "step": cfg.step,
         "backbone": cfg.backbone,

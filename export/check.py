@@ -1,8 +1,9 @@
 """`mtl-edge export check BUNDLE`: re-verify a bundle on any machine, without torch.
 
 The bundle's hashes are verified on load; then every variant runs on onnxruntime (CPU) over a
-few built-in synthetic images at the bundle's input size (and random inputs for the float
-variants), and its features are compared with the FP32 file's.
+few images at the bundle's input size - real ones from a class-folder split when `data` is
+given (`--data`), else built-in synthetic ones - and random inputs for the float variants, and
+its features are compared with the FP32 file's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mtl_edge.bundle import Bundle
+from mtl_edge.data.folders import read_class_folders
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.data.synthetic import make_synthetic_split
 from mtl_edge.errors import BundleError
@@ -32,8 +34,29 @@ def synthetic_eval_split(preprocess: Preprocess, seed: int = 0) -> ImageSplit:
     )
 
 
-def check_bundle(path: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Verify a bundle's hashes and compare every variant with fp32 on synthetic images.
+REAL_IMAGES = 20
+
+
+def check_images(
+    preprocess: Preprocess, seed: int, data: str | Path | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The check's images (N, C, H, W) as the device preprocesses them, and where they came
+    from: `REAL_IMAGES` spread evenly over the class-folder split `data`
+    (`<data>/<class>/<image>`), else 20 of the synthetic split."""
+    if data is None:
+        split = synthetic_eval_split(preprocess, seed)
+        picked = split.take(np.arange(0, len(split), 10))
+        return parity.split_images(picked, preprocess), {"kind": "synthetic", "count": len(picked)}
+    split = read_class_folders(data, None, preprocess.color_mode)
+    rows = np.unique(np.linspace(0, len(split) - 1, min(REAL_IMAGES, len(split))).astype(int))
+    picked = split.take(rows)
+    return parity.split_images(picked, preprocess), {
+        "kind": "real", "split": str(data), "count": len(picked)}  # fmt: skip
+
+
+def check_bundle(path: str | Path, seed: int = 0, data: str | Path | None = None) -> dict[str, Any]:
+    """Verify a bundle's hashes and compare every variant with fp32 on real images of the
+    class-folder split `data`, or synthetic ones when None.
 
     Returns:
         {"bundle", "model_id", "backbone", "variants": {name: {"max_abs", "cosine_min",
@@ -44,8 +67,7 @@ def check_bundle(path: str | Path, seed: int = 0) -> dict[str, Any]:
     """
     bundle = Bundle.load(path)
     preprocess = bundle.preprocess
-    split = synthetic_eval_split(preprocess, seed)
-    images = parity.split_images(split.take(np.arange(0, len(split), 10)), preprocess)
+    images, source = check_images(preprocess, seed, data)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal((3, *preprocess.input_shape)).astype(np.float32)
     inputs = np.concatenate([images, noise])
@@ -93,5 +115,6 @@ def check_bundle(path: str | Path, seed: int = 0) -> dict[str, Any]:
         "files": len(bundle.manifest["files"]),
         "variants": results,
         "engines": bundle.manifest.get("engines", []),
+        "images": source,
         "pass": all(r["pass"] for r in results.values()),
     }

@@ -59,8 +59,12 @@ def test_meta_step_and_compile_modes() -> None:
     res = run_train_speed(cfg)
     assert [m["mode"] for m in res["modes"]] == ["fp32", "bf16"]  # the reference is added
     assert res["modes"][0]["images_per_step"] == 5 * 16
-    cfg.modes = ["fp32", "bf16+cl+compile"]
-    assert "bf16+cl+compile" in run_train_speed(cfg)["errors"]  # not measured for meta steps
+    cfg.modes, cfg.meta_batch = ["fp32", "fp32+loop"], 2
+    res = run_train_speed(cfg)  # the batched inner loop against the per-task autograd loop
+    assert [m["mode"] for m in res["modes"]] == ["fp32", "fp32+loop"] and not res["errors"]
+    assert res["modes"][1]["images_per_step"] == 2 * 5 * 16 and res["modes"][1]["ratio_vs_fp32"] > 0
+    with pytest.raises(ConfigError, match="loop"):
+        TrainSpeedConfig(step="pretrain", modes=["fp32+loop"])
 
 
 def test_bad_modes_are_one_line_errors() -> None:

@@ -95,6 +95,18 @@ def test_check_bundle_passes(full: tuple[Path, Bundle, dict[str, Any]]) -> None:
     assert result["variants"]["fp32"]["max_abs"] == 0.0
 
 
+def test_check_bundle_uses_real_images_when_given(
+    full: tuple[Path, Bundle, dict[str, Any]], class_folders: Path
+) -> None:
+    synthetic = check_bundle(full[1].root)
+    real = check_bundle(full[1].root, data=class_folders / "train")
+    assert synthetic["images"] == {"kind": "synthetic", "count": 20}
+    assert real["images"]["kind"] == "real" and real["images"]["count"] == 20
+    assert real["pass"] and set(real["variants"]) == set(synthetic["variants"])
+    # other images, other feature differences: the real images were the ones compared
+    assert real["variants"]["int8"]["cosine_min"] != synthetic["variants"]["int8"]["cosine_min"]
+
+
 def test_check_bundle_catches_a_wrong_variant(
     full: tuple[Path, Bundle, dict[str, Any]], tmp_path: Path
 ) -> None:

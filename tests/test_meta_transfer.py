@@ -3,7 +3,7 @@ first and second order both reach SS and the FC init; tasks from episodes."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -207,3 +207,57 @@ def test_parts_from_pretraining_and_wrong_architecture() -> None:
         learner_from_parts("conv4", {"width": 16}, backbone.state_dict())
     with pytest.raises(ConfigError, match="unknown"):
         learner_from_parts("resnet99", {}, backbone.state_dict())
+
+
+def _reference_meta_grads(learner: MetaTransferLearner, tasks: list[Task]) -> list[torch.Tensor]:
+    """The meta-gradients of the original per-task algorithm: each task encoded on its own,
+    the FC adapted by the autograd loop, the task's loss back-propagated on its own."""
+    from mtl_edge.train.base_learner import inner_loop
+
+    s = learner.settings
+    learner.train()
+    learner.zero_grad(set_to_none=True)
+    for task in tasks:
+        with torch.set_grad_enabled(s.second_order):
+            support = learner.encode(task.support_x)
+        w, b = inner_loop(
+            support, task.support_y, learner.fc_weight, learner.fc_bias, s.inner_steps,
+            s.inner_lr, create_graph=s.second_order, weight_decay=s.inner_weight_decay,
+        )  # fmt: skip
+        logits = learner.encode(task.query_x) @ w.T + b
+        (nn.functional.cross_entropy(logits, task.query_y) / len(tasks)).backward()
+    return [p.grad.clone() for g in learner.meta_parameters().values() for p in g]
+
+
+@pytest.mark.parametrize("second_order", [False, True], ids=["first-order", "second-order"])
+def test_batched_meta_step_gives_the_per_task_autograd_meta_gradients(second_order: bool) -> None:
+    tasks = _tasks(3, seed=5)
+    grads = {}
+    for kind in ("batched", "autograd", "reference"):
+        learner = _learner(
+            fc_init="normal", second_order=second_order, inner_weight_decay=0.01,
+            inner_loop="autograd" if kind == "autograd" else "batched",
+        )  # fmt: skip
+        if kind == "reference":
+            grads[kind] = _reference_meta_grads(learner, tasks)
+            continue
+        opt = learner.make_optimizer(ss_lr=1e-12, fc_lr=1e-12)
+        stats = learner.meta_step(tasks, opt)
+        grads[kind] = [p.grad.clone() for g in learner.meta_parameters().values() for p in g]
+        assert stats.losses.shape == (3,) and len(stats.tasks) == 3
+    assert any(g.abs().sum() > 0 for g in grads["reference"])
+    for kind in ("batched", "autograd"):
+        for got, want in zip(grads[kind], grads["reference"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_meta_step_stats_stay_on_the_device_until_read() -> None:
+    learner = _learner(fc_init="normal")
+    stats = learner.meta_step(_tasks(2), learner.make_optimizer())
+    assert stats.losses.shape == (2,) and stats.class_accuracy.shape == (2, WAYS)
+    assert stats.loss == pytest.approx(float(stats.losses.mean()))
+    assert [t.accuracy for t in stats.tasks] == pytest.approx(stats.accuracies.tolist())
+    task = _tasks(1)[0]
+    fewer = replace(task, query_x=task.query_x[:3], query_y=task.query_y[:3])
+    with pytest.raises(ValueError, match="differ in shape"):
+        learner.meta_step([task, fewer], learner.make_optimizer())

@@ -15,9 +15,12 @@ fits the remaining time, E at most the recipe's epochs, S at most a whole epoch)
 Pre-training then runs E epochs of S steps (S below a full epoch: each epoch sees a random part
 of the split), its cosine schedule laid out over those E epochs; meta-transfer keeps the recipe's
 epoch count where it can (epoch_length becomes S), so its step decay keeps its shape. A guard
-checked at every step (`Plan.must_stop`) ends the stage early, leaving time for the last
-validation and checkpoint, if the machine slows down after the plan. The decision (measured
-speeds, plan, budget, end time) is logged and written to RUN/budget.json.
+checked at every step (`Plan.must_stop`, or `stop_now` with the graceful stop of
+`mtl_edge.train.deadline`) ends the stage early, leaving time for the last validation and
+checkpoint, if the machine slows down after the plan. With `runtime.save = "end"` no checkpoint
+is written per epoch: the one final save goes into the reserve instead. Timings wait for the
+GPU (`torch.cuda.synchronize`), whose work is otherwise queued behind the host's clock. The
+decision (measured speeds, plan, budget, end time) is logged and written to RUN/budget.json.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import copy
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -34,6 +38,7 @@ from typing import Any
 
 from mtl_edge.atomicio import atomic_write_json
 from mtl_edge.errors import ConfigError
+from mtl_edge.train import deadline
 from mtl_edge.train.config import Recipe
 
 log = logging.getLogger(__name__)
@@ -185,14 +190,36 @@ class Plan:
         log.info("%s: %.0f s of a %.0f s budget", self.clock.stage, elapsed, self.clock.budget_s)
 
 
+def stop_now(plan: Plan | None) -> bool:
+    """Whether a training loop must end its epoch now: its plan's guard, or a graceful stop
+    (`mtl_edge.train.deadline`)."""
+    if plan is not None and plan.must_stop():
+        return True
+    return deadline.requested()
+
+
+def stopped(plan: Plan | None) -> bool:
+    """Whether the stage ends after this epoch (its guard fired or a stop was asked for)."""
+    return (plan is not None and plan.stopped) or deadline.requested()
+
+
+def _sync() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median seconds of `fn()` over `repeats` calls after `warmup` untimed ones."""
+    """Median seconds of `fn()` over `repeats` calls after `warmup` untimed ones (each call
+    waits for the GPU work it queued)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -260,8 +287,20 @@ def make_plan(
         steps,
         unit.replace("_", "-"),
     )
-    reserve = measured["validation_s"] + measured["checkpoint_s"] + 0.01 * clock.budget_s
-    return epochs, steps, Plan(clock, run_dir / BUDGET_FILE, record, reserve)
+    return epochs, steps, Plan(clock, run_dir / BUDGET_FILE, record, reserve_s(measured, clock))
+
+
+def reserve_s(measured: dict[str, float], clock: StageClock) -> float:
+    """Time the guard keeps for the last validation and the checkpoint writes."""
+    saves = max(measured["checkpoint_s"], measured.get("final_save_s", 0.0))
+    return measured["validation_s"] + saves + 0.01 * float(clock.budget_s)
+
+
+def save_costs(cfg: Recipe, checkpoint_s: float) -> dict[str, float]:
+    """{"checkpoint_s": per epoch, "final_save_s": once} of `runtime.save`."""
+    if cfg.runtime.save == "end":
+        return {"checkpoint_s": 0.0, "final_save_s": checkpoint_s}
+    return {"checkpoint_s": checkpoint_s, "final_save_s": 0.0}
 
 
 def checkpoint_seconds(run_dir: Path, state: dict[str, Any]) -> float:
@@ -316,7 +355,7 @@ def plan_pretrain(
     measured = {
         "step_s": step_s,
         "images_per_s": p.batch_size / step_s,
-        "checkpoint_s": ckpt_s,
+        **save_costs(cfg, ckpt_s),
         "validation_s": validation_s,
     }
     epochs, steps, plan = make_plan(
@@ -358,7 +397,7 @@ def plan_meta(
         "meta_batch_s": batch_s,
         "hard_task_factor": ht_factor,
         "step_s": batch_s * ht_factor,
-        "checkpoint_s": ckpt_s,
+        **save_costs(cfg, ckpt_s),
         "validation_s": validation_s,
     }
     recipe_epochs = math.ceil(m.iterations / m.epoch_length)
@@ -432,8 +471,6 @@ def resumed_plan(clock: StageClock, cfg: Recipe, run_dir: Path) -> tuple[Recipe,
         missing="missing: the run started without a time budget; resume it without one",
         fix="resume without a time budget",
     )
-    measured = record["measured"]
-    reserve = measured["validation_s"] + measured["checkpoint_s"] + 0.01 * float(clock.budget_s)
     record["resumed"] = {"budget_s": clock.budget_s, "source": clock.source}
-    plan = Plan(clock, path, record, reserve)
+    plan = Plan(clock, path, record, reserve_s(record["measured"], clock))
     return _planned(plan, cfg, record["planned_config"]), plan

@@ -192,10 +192,14 @@ class RuntimeConfig:
         amp: autocast "auto" (bf16 where the GPU or CPU has bf16 units, else FP32), "bf16",
             "fp16" (CUDA) or "none" (`mtl_edge.train.precision`).
         channels_last: "auto" (with bf16/fp16 autocast), true or false.
-        compile: torch.compile the pre-training network (off: it did not pay on the CPU).
+        compile: torch.compile the backbone in pre-training and meta-transfer (off: it did not
+            pay on the CPU; the GPU recipe turns it on).
         progress: rich progress bars ("auto" = only on a TTY, "on", "off").
         time_budget: wall time of the whole recipe, e.g. "100m" or "1h30m" ("" = none); stages
             get `pretrain_share` and the rest (`mtl_edge.train.budget`).
+        save: "epoch" (best.pt and last.pt after every epoch: a stopped run resumes) or "end"
+            (once, when the stage ends: the best epoch is kept in memory until then; for a
+            job that cannot resume anyway, such as one GPU lease).
     """
 
     seed: int = 0
@@ -207,10 +211,12 @@ class RuntimeConfig:
     progress: str = "auto"
     time_budget: str = ""
     pretrain_share: float = 0.6
+    save: str = "epoch"
 
     def __post_init__(self) -> None:
         require_one_of("runtime", "amp", self.amp, ("auto", "none", "bf16", "fp16"))
         require_one_of("runtime", "progress", self.progress, ("auto", "on", "off"))
+        require_one_of("runtime", "save", self.save, ("epoch", "end"))
         require(
             self.channels_last in (True, False, "auto"),
             f"runtime.channels_last={self.channels_last!r}: use auto, true or false",

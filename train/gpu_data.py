@@ -78,6 +78,16 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
+def to_device(array: np.ndarray, device: torch.device | str | None) -> torch.Tensor:
+    """A numpy array as a tensor on `device`; to a GPU through pinned memory without waiting
+    (a plain copy from pageable memory makes the host wait for the GPU's queue)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    dev = torch.device(device) if device is not None else t.device
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
 def _uniform(
     n: int, low: float, high: float, gen: torch.Generator, device: torch.device
 ) -> torch.Tensor:
@@ -200,9 +210,9 @@ class DeviceDataset:
         return x
 
     def _index(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(
-            np.asarray(indices) if not torch.is_tensor(indices) else indices, dtype=torch.int64
-        ).to(self.device)
+        if torch.is_tensor(indices):
+            return indices.to(self.device, torch.int64)
+        return to_device(np.asarray(indices, dtype=np.int64), self.device)
 
     def eval_batch(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Network inputs without augmentation: center crop, scale, normalise.

@@ -9,8 +9,16 @@ take one more meta-step (`mtl_edge.train.hard_tasks.HardTaskMiner`); how often t
 and how they score is logged every epoch. Every `epoch_length` meta-batches is an epoch: the
 learning rates decay by `lr_gamma` every `lr_step` epochs, the learner is scored on fixed
 validation episodes (validation classes only; the MTL head on frozen features, as at
-meta-test) and the best epoch is RUN/best.pt; RUN/last.pt resumes. With `meta.also_without_ht`
-a second learner without HT is trained from the same checkpoint into RUN/without_ht/.
+meta-test) and the best epoch is RUN/best.pt; RUN/last.pt resumes (`runtime.save = "end"`:
+both written once, when the stage ends); `meta.snapshots` keeps evenly spaced epochs as
+RUN/snapshot-<epoch>.pt for a later choice by validation. With `meta.also_without_ht` a second
+learner without HT is trained from the same checkpoint into RUN/without_ht/.
+
+The loop does not wait for the GPU: the meta-steps' losses and accuracies are summed on the
+device and read once per epoch. HT is the exception the algorithm makes: the hard tasks of a
+meta-batch depend on its per-class query accuracies, so those come to the host once per
+meta-batch (a small copy that overlaps the meta-step's backward pass, `MetaStepStats`); the
+hard tasks' own results are recorded one meta-batch later, when the next copy has landed.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mtl_edge.data.episodes import EpisodeSampler
@@ -45,12 +52,13 @@ from mtl_edge.train.config import Recipe, as_recipe
 from mtl_edge.train.gpu_data import DeviceDataset, make_generator
 from mtl_edge.train.hard_tasks import HardTaskMiner, HardTaskStats
 from mtl_edge.train.meta_transfer import (
+    MetaStepStats,
     MetaTransferLearner,
     TaskBuilder,
     learner_from_parts,
 )
 from mtl_edge.train.metatest import extract_features
-from mtl_edge.train.precision import resolve_precision
+from mtl_edge.train.precision import configure_device, resolve_precision
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import (
     describe,
@@ -141,9 +149,10 @@ def meta_train(
             meta-batches per epoch are planned (`mtl_edge.train.budget`), see RUN/budget.json.
 
     Returns:
-        {"checkpoint": best.pt, "last": last.pt, "images": task images processed,
-         "best_val": percent, "hard_tasks": HT statistics, "checkpoints": {"without_ht": ...}
-         when `meta.also_without_ht`}.
+        {"checkpoint": best.pt, "last": last.pt, "images": task images processed, "work":
+         {"tasks", "support_images", "query_images", "eval_images"} (`mtl_edge.train.flops`),
+         "snapshots": {"epoch<e>": path}, "best_val": percent, "hard_tasks": HT statistics,
+         "checkpoints": {"without_ht": ...} when `meta.also_without_ht`}.
     """
     cfg = as_recipe(config, source)
     clock = budget_mod.StageClock.start(cfg, "meta", time_budget)
@@ -161,6 +170,7 @@ def meta_train(
         other = _train_one(cfg, Path(out) / WITHOUT_HT, Path(init), False, resume, clock.part(1))
         result["checkpoints"] = {WITHOUT_HT: other["checkpoint"]}
         result["images"] += other["images"]
+        result["work"] = {k: v + other["work"][k] for k, v in result["work"].items()}
     return result
 
 
@@ -180,8 +190,10 @@ def _train_one(
     learner, preprocess = init_learner(cfg, init)
     deploy_head = meta_head_recipe(learner.settings, cfg.head)
     learner.to(device)
+    configure_device(device)
     prec = resolve_precision(rt.amp, rt.channels_last, device)
     learner.autocast = prec.autocast  # the encoder's forward passes; the FC inner loop is FP32
+    learner.compile = rt.compile
     prec.model(learner.encoder)
     run = Run.open(out, cfg, rt.seed, resume, "meta" + ("" if use_ht else " (no HT)"))
     train_split = open_train_split(cfg.data, preprocess.color_mode)
@@ -248,47 +260,62 @@ def _train_one(
         if miner is not None and "hard_task_stats" in state:
             miner.stats = HardTaskStats(**state["hard_task_stats"])
         log.info("resuming meta-training at epoch %d", start_epoch)
-    per_task = m.ways * (m.shots + m.queries)
+    n_support, n_query = m.ways * m.shots, m.ways * m.queries
+    work = {"tasks": 0, "support_images": 0, "query_images": 0, "eval_images": 0}
+    snapshot_epochs = _snapshot_epochs(m.snapshots, epochs)
+    saver = _Saver(rt.save == "epoch")
     epoch = start_epoch - 1  # the last epoch run, for the budget record
     with progress_bar(bars) as progress:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             n_batches = min(m.epoch_length, m.iterations - epoch * m.epoch_length)
             task = progress.add_task(f"meta {epoch + 1}/{epochs}", total=n_batches, info="")
-            losses, accs, hard_accs = [], [], []
+            sums = torch.zeros(4, device=device)  # loss, accuracy, hard loss, hard accuracy
+            counts = [0, 0, 0]  # ordinary tasks, hard tasks, hard meta-steps this epoch
+            hard_pending: list[MetaStepStats] = []
             for b in range(n_batches):
-                if plan is not None and plan.must_stop():
+                if budget_mod.stop_now(plan):
                     break
                 first = (epoch * m.epoch_length + b) * m.meta_batch
                 tasks = [build(sampler.episode(first + j)) for j in range(m.meta_batch)]
                 stats = learner.meta_step(tasks, optimizer)
-                losses.append(stats.loss)
-                accs.append(stats.accuracy)
-                images += per_task * len(tasks)
+                sums[:2] += torch.stack([stats.losses.sum(), stats.accuracies.sum()])
+                counts[0] += len(tasks)
                 if miner is not None:
+                    for done in hard_pending:  # landed while this meta-batch ran
+                        miner.record(done.tasks)
+                    hard_pending = []
                     hard = miner.after_batch(tasks, stats.tasks, epoch, b)
                     if hard:
-                        hard_stats = learner.meta_step(
-                            [build(e, is_hard=True) for e in hard], optimizer
+                        hard_tasks = [build(e, is_hard=True) for e in hard]
+                        hard_stats = learner.meta_step(hard_tasks, optimizer)
+                        sums[2:] += torch.stack(
+                            [hard_stats.losses.sum(), hard_stats.accuracies.sum()]
                         )
-                        miner.record(hard_stats.tasks)
-                        hard_accs.append(hard_stats.accuracy)
-                        images += per_task * len(hard)
-                progress.update(
-                    task,
-                    advance=1,
-                    info=f"loss {np.mean(losses):.3f} acc {100 * np.mean(accs):.1f}%",
-                )
+                        counts[1] += len(hard_tasks)
+                        counts[2] += 1
+                        hard_pending.append(hard_stats)
+                progress.update(task, advance=1)
+            for done in hard_pending:
+                assert miner is not None
+                miner.record(done.tasks)
             progress.remove_task(task)
             scheduler.step()
+            tasks_run = counts[0] + counts[1]
+            images += (n_support + n_query) * tasks_run
+            work["tasks"] += tasks_run
+            work["support_images"] += n_support * tasks_run
+            work["query_images"] += n_query * tasks_run
+            loss, acc, hard_loss, hard_acc = sums.tolist()  # one wait per epoch
             row: dict[str, Any] = {
                 "stage": "meta",
                 "hard_tasks": use_ht,
                 "epoch": epoch,
-                "loss": float(np.mean(losses)),
-                "train_acc": 100.0 * float(np.mean(accs)),
-                "hard_acc": 100.0 * float(np.mean(hard_accs)) if hard_accs else None,
-                "hard_batches": len(hard_accs),
+                "loss": loss / max(counts[0], 1),
+                "train_acc": 100.0 * acc / max(counts[0], 1),
+                "hard_acc": 100.0 * hard_acc / counts[1] if counts[1] else None,
+                "hard_loss": hard_loss / counts[1] if counts[1] else None,
+                "hard_batches": counts[2],
                 "ss_lr": optimizer.param_groups[0]["lr"],
                 "fc_lr": optimizer.param_groups[1]["lr"],
                 "seconds": time.perf_counter() - t0,
@@ -301,6 +328,7 @@ def _train_one(
                 acc, ci = validate(
                     learner, val_data, val_split, val_sampler, m.val_episodes, device, deploy_head
                 )
+                work["eval_images"] += len(val_data)
                 row |= {"val_acc": acc, "val_ci95": ci}
                 improved = acc > best
                 best = max(best, acc)
@@ -326,7 +354,9 @@ def _train_one(
                 "train_split": split_entry(train_split),
             }
             if improved:
-                save_checkpoint(best_path, ckpt)
+                saver.keep(best_path, ckpt)
+            if epoch + 1 in snapshot_epochs:
+                saver.keep(out / f"snapshot-{epoch + 1}.pt", ckpt)
             extra: dict[str, Any] = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -338,8 +368,12 @@ def _train_one(
                 extra["hard_task_stats"] = {
                     k: v for k, v in miner.stats.to_dict().items() if not k.endswith("accuracy")
                 }
-            save_checkpoint(last_path, ckpt | extra)
-            if plan is not None and plan.stopped:
+            last = epoch + 1 == epochs or budget_mod.stopped(plan)
+            if last and epoch + 1 not in snapshot_epochs and m.snapshots:
+                saver.keep(out / f"snapshot-{epoch + 1}.pt", ckpt)  # stopped early: the last
+            saver.keep(last_path, ckpt | extra)
+            saver.flush(final=last)
+            if last:
                 break
     if plan is not None:
         plan.finish(epochs_run=epoch + 1 - start_epoch, best_val=best if best >= 0 else None)
@@ -347,9 +381,41 @@ def _train_one(
         "checkpoint": str(best_path),
         "last": str(last_path),
         "images": images,
+        "work": work,
+        "snapshots": {
+            p.stem.replace("snapshot-", "epoch"): str(p) for p in sorted(out.glob("snapshot-*.pt"))
+        },  # fmt: skip
         "best_val": best if best >= 0 else None,
         "hard_tasks": miner.stats.to_dict() if miner is not None else None,
     }
+
+
+def _snapshot_epochs(count: int, epochs: int) -> set[int]:
+    """1-based epochs at which `meta.snapshots` keeps the weights: evenly spaced, the last
+    included."""
+    if count <= 0:
+        return set()
+    return {max(1, round(epochs * k / count)) for k in range(1, count + 1)}
+
+
+class _Saver:
+    """Checkpoint writes of the meta loop: at once (`runtime.save = "epoch"`) or kept in
+    memory until the stage ends (`"end"`; the best epoch replaces an earlier best)."""
+
+    def __init__(self, every_epoch: bool) -> None:
+        self.every_epoch = every_epoch
+        self.pending: dict[Path, dict[str, Any]] = {}
+
+    def keep(self, path: Path, ckpt: dict[str, Any]) -> None:
+        self.pending[path] = ckpt
+
+    def flush(self, final: bool) -> None:
+        if self.every_epoch or final:
+            for path, ckpt in self.pending.items():
+                save_checkpoint(path, ckpt)
+            self.pending = {}
+        else:  # last.pt of an epoch that is not the last is never written
+            self.pending = {p: c for p, c in self.pending.items() if p.name != "last.pt"}
 
 
 def _plan(

@@ -1,11 +1,16 @@
 """Meta-transfer (phase 2): learn SS and the FC initialisation over few-shot tasks.
 
-Per task, the SS encoder embeds the support and query images, the FC base-learner starts from
-the meta-learned initialisation (`fc_weight`, `fc_bias`) and takes T gradient steps on the
-support set (`mtl_edge.train.base_learner.inner_loop`; SS is not adapted in the inner loop), and
-the query cross-entropy of the fast weights is the task's meta-loss. `meta_step` accumulates the
-meta-loss of a meta-batch (mean over tasks by default, or the sum) and takes one optimizer step
-on SS (and BN affine when `bn_mode="train"`) and the FC initialisation.
+The SS encoder embeds the support and query images of every task of a meta-batch (in one
+forward pass per side when BN is frozen; task by task when BN uses batch statistics), the FC
+base-learner of each task starts from the meta-learned initialisation (`fc_weight`, `fc_bias`)
+and takes T gradient steps on its support set, all tasks at once
+(`mtl_edge.train.base_learner.batched_inner_loop`; `meta.inner_loop = "autograd"` runs the
+per-task autograd reference instead; SS is not adapted in the inner loop), and the query
+cross-entropy of the fast weights is each task's meta-loss. `meta_step` reduces the meta-batch's
+losses (mean over tasks by default, or the sum), runs one backward pass and one optimizer step
+on SS (and BN affine when `bn_mode="train"`) and the FC initialisation. Its results stay on the
+device (`mtl_edge.train.tasks.MetaStepStats`). With `compile`, the encoder runs through
+`torch.compile` (`runtime.compile`; the driver sets it).
 """
 
 from __future__ import annotations
@@ -13,21 +18,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtl_edge.data.episodes import Episode
 from mtl_edge.errors import ConfigError
 from mtl_edge.fewshot.fc import HeadRecipe, loss_scale
 from mtl_edge.train.backbones import create_backbone
-from mtl_edge.train.base_learner import fc_logits, inner_loop
+from mtl_edge.train.base_learner import batched_inner_loop, fc_logits, inner_loop
 from mtl_edge.train.checkpoint import deploy_section, meta_entry, meta_head_recipe
-from mtl_edge.train.hard_tasks import per_class_accuracy
+from mtl_edge.train.precision import fused_options
 from mtl_edge.train.ss import (
     bn_parameters,
     convert_to_ss,
@@ -37,96 +40,16 @@ from mtl_edge.train.ss import (
     ss_parameters,
 )
 from mtl_edge.train.stage_config import MetaConfig
+from mtl_edge.train.tasks import (  # noqa: F401 - re-exported: the learner's task types
+    MetaStepStats,
+    Task,
+    TaskBuilder,
+    TaskStats,
+    make_task,
+    query_results,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Task:
-    """One few-shot task as tensors.
-
-    Attributes:
-        support_x: images of shape (ways * shots, C, H, W), class-major.
-        support_y: int64 episode labels of shape (ways * shots,).
-        query_x: images of shape (ways * queries, C, H, W).
-        query_y: int64 episode labels of shape (ways * queries,).
-        classes: split class ids of shape (ways,); episode label j is classes[j].
-        is_hard: drawn by the hard-task sampler.
-        indices: split sample indices used (support then query), for fresh-image re-sampling.
-    """
-
-    support_x: torch.Tensor
-    support_y: torch.Tensor
-    query_x: torch.Tensor
-    query_y: torch.Tensor
-    classes: np.ndarray
-    is_hard: bool = False
-    indices: np.ndarray | None = None
-
-    @property
-    def ways(self) -> int:
-        return len(self.classes)
-
-
-def make_task(
-    episode: Episode,
-    load: Callable[[np.ndarray], torch.Tensor],
-    device: torch.device | str | None = None,
-    is_hard: bool = False,
-) -> Task:
-    """A `Task` from an episode and `load(indices) -> images (n, C, H, W)`."""
-    return Task(
-        support_x=load(episode.support).to(device),
-        support_y=torch.from_numpy(episode.support_labels()).to(device),
-        query_x=load(episode.query).to(device),
-        query_y=torch.from_numpy(episode.query_labels()).to(device),
-        classes=np.asarray(episode.classes, dtype=np.int64),
-        is_hard=is_hard,
-        indices=np.concatenate([episode.support, episode.query]),
-    )
-
-
-class TaskBuilder:
-    """Turns episodes into tasks with one image loader: `TaskBuilder(load, device)(episode)`."""
-
-    def __init__(
-        self, load: Callable[[np.ndarray], torch.Tensor], device: torch.device | str | None = None
-    ) -> None:
-        self.load, self.device = load, device
-
-    def __call__(self, episode: Episode, is_hard: bool = False) -> Task:
-        return make_task(episode, self.load, self.device, is_hard)
-
-
-@dataclass
-class TaskStats:
-    """Query results of one task of a meta-step.
-
-    Attributes:
-        classes: split class ids (ways,).
-        class_accuracy: query accuracy per episode label, (ways,).
-        accuracy: query accuracy of the task.
-        loss: query cross-entropy (mean over queries).
-        is_hard: a hard task.
-    """
-
-    classes: list[int]
-    class_accuracy: list[float]
-    accuracy: float
-    loss: float
-    is_hard: bool
-
-
-@dataclass
-class MetaStepStats:
-    """Result of one meta-step: mean query loss and accuracy over its tasks, and per task."""
-
-    loss: float
-    accuracy: float
-    tasks: list[TaskStats] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _fc_init(ways: int, dim: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,11 +104,35 @@ class MetaTransferLearner(nn.Module):
         set_bn_mode(self.encoder, self.settings.bn_mode)
         # the encoder's autocast (`mtl_edge.train.precision.Precision.autocast`, set by the driver)
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.compile = False  # run the encoder through torch.compile (set by the driver)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_compiled", None)  # a copy (the budget probe) compiles its own encoder
+        return state
+
+    def _encoder_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not self.compile:
+            return self.encoder
+        cached = self.__dict__.get("_compiled")
+        if cached is None or cached[0] is not self.encoder:
+            cached = (self.encoder, torch.compile(self.encoder))
+            self.__dict__["_compiled"] = cached
+        return cached[1]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """FP32 features (B, D) of images (B, C, H, W); the encoder runs under `self.autocast`."""
         with self.autocast():
-            return self.encoder(x).float()
+            return self._encoder_fn()(x).float()
+
+    def encode_tasks(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """FP32 features (T, n, D) of T equally sized image batches (n, C, H, W): one encoder
+        pass over all of them, or one per task when BN normalises with batch statistics
+        (bn_mode="train": a task's statistics must not mix with another's)."""
+        if self.settings.bn_mode == "train" and self.training:
+            return torch.stack([self.encode(x) for x in images])
+        feats = self.encode(torch.cat(list(images)))
+        return feats.view(len(images), -1, feats.shape[1])
 
     def train(self, mode: bool = True) -> MetaTransferLearner:
         """Train/eval mode; BNs then follow `settings.bn_mode` (frozen BN stays in eval)."""
@@ -201,10 +148,12 @@ class MetaTransferLearner(nn.Module):
         return {"ss": ss, "fc": [self.fc_weight, self.fc_bias]}
 
     def make_optimizer(self, ss_lr: float = 1e-4, fc_lr: float = 1e-3) -> torch.optim.Adam:
-        """Adam with separate learning rates (official PyTorch code: 1e-4 SS, 1e-3 FC)."""
+        """Adam with separate learning rates (official PyTorch code: 1e-4 SS, 1e-3 FC); the
+        fused kernel on a GPU (`mtl_edge.train.precision.fused_options`)."""
         groups = self.meta_parameters()
         return torch.optim.Adam(
-            [{"params": groups["ss"], "lr": ss_lr}, {"params": groups["fc"], "lr": fc_lr}]
+            [{"params": groups["ss"], "lr": ss_lr}, {"params": groups["fc"], "lr": fc_lr}],
+            **fused_options(self.fc_weight.device),
         )
 
     def initial_head(self, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,36 +166,75 @@ class MetaTransferLearner(nn.Module):
             torch.zeros(ways, device=self.fc_weight.device),
         )
 
+    def adapt_tasks(
+        self,
+        support_features: torch.Tensor,
+        support_y: torch.Tensor,
+        ways: int,
+        steps: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fast FC weights (T, ways, D), (T, ways) from support features (T, n_s, D) and labels
+        (T, n_s) of T tasks of `ways` classes, by `settings.inner_loop`."""
+        s = self.settings
+        if steps is None:
+            steps = s.inner_steps if self.training else s.test_steps
+        weight, bias = self.initial_head(ways)
+        c = loss_scale(s.inner_loss, support_y.shape[1], ways)
+        kw = {
+            "steps": steps,
+            "lr": s.inner_lr * c,
+            "create_graph": s.second_order and self.training,
+            "normalize": s.normalize,
+            "weight_decay": s.inner_weight_decay / c,
+        }
+        if s.inner_loop == "batched":
+            return batched_inner_loop(support_features, support_y, weight, bias, **kw)
+        fast = [
+            inner_loop(f, y, weight, bias, **kw)
+            for f, y in zip(support_features, support_y, strict=True)
+        ]
+        return torch.stack([w for w, _ in fast]), torch.stack([b for _, b in fast])
+
     def adapt(
         self, support_features: torch.Tensor, support_y: torch.Tensor, steps: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fast FC weights (ways, D), (ways,) from support features (n_s, D) and labels (n_s,)."""
-        s = self.settings
-        if steps is None:
-            steps = s.inner_steps if self.training else s.test_steps
         ways = int(support_y.max()) + 1
-        weight, bias = self.initial_head(ways)
-        c = loss_scale(s.inner_loss, len(support_y), ways)
-        lr, wd = s.inner_lr * c, s.inner_weight_decay / c
-        return inner_loop(
-            support_features,
-            support_y,
-            weight,
-            bias,
-            steps=steps,
-            lr=lr,
-            create_graph=s.second_order and self.training,
-            normalize=s.normalize,
-            weight_decay=wd,
-        )
+        w, b = self.adapt_tasks(support_features[None], support_y[None], ways, steps)
+        return w[0], b[0]
 
     def head_logits(
         self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
-        """Logits (n, ways) of features (n, D) under a fast head."""
+        """Logits (..., n, ways) of features (..., n, D) under fast heads (..., ways, D)."""
         if self.settings.normalize:
-            features = F.normalize(features, dim=1, eps=1e-12)
-        return fc_logits(features, weight, bias)
+            features = F.normalize(features, dim=-1, eps=1e-12)
+        if features.ndim == 2:
+            return fc_logits(features, weight, bias)
+        return torch.baddbmm(bias.unsqueeze(1), features, weight.transpose(1, 2))
+
+    def tasks_logits(
+        self,
+        support_x: Sequence[torch.Tensor],
+        support_y: torch.Tensor,
+        query_x: Sequence[torch.Tensor],
+        ways: int,
+        steps: int | None = None,
+    ) -> torch.Tensor:
+        """Query logits (T, n_q, ways) of T tasks after adapting each FC on its support set.
+
+        Args:
+            support_x: T batches (n_s, C, H, W); support_y: (T, n_s) episode labels.
+            query_x: T batches (n_q, C, H, W).
+            ways: classes per task.
+            steps: inner steps; None uses inner_steps in train mode and test_steps in eval.
+        """
+        first_order = self.training and not self.settings.second_order
+        # first order: support features never reach the outer gradient (see base_learner)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not first_order):
+            support = self.encode_tasks(support_x)
+        weight, bias = self.adapt_tasks(support, support_y, ways, steps)
+        return self.head_logits(self.encode_tasks(query_x), weight, bias)
 
     def task_logits(
         self,
@@ -255,60 +243,53 @@ class MetaTransferLearner(nn.Module):
         query_x: torch.Tensor,
         steps: int | None = None,
     ) -> torch.Tensor:
-        """Query logits of shape (ways * queries, ways) after adapting the FC on the support set.
-
-        Args:
-            support_x: (ways * shots, C, H, W); support_y: (ways * shots,) episode labels.
-            query_x: (ways * queries, C, H, W).
-            steps: inner steps; None uses inner_steps in train mode and test_steps in eval.
-        """
-        first_order = self.training and not self.settings.second_order
-        # first order: support features never reach the outer gradient (see base_learner)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not first_order):
-            support_features = self.encode(support_x)
-        weight, bias = self.adapt(support_features, support_y, steps)
-        return self.head_logits(self.encode(query_x), weight, bias)
+        """Query logits (ways * queries, ways) of one task (`tasks_logits` with T = 1)."""
+        ways = int(support_y.max()) + 1
+        return self.tasks_logits([support_x], support_y[None], [query_x], ways, steps)[0]
 
     def meta_step(self, tasks: Sequence[Task], optimizer: torch.optim.Optimizer) -> MetaStepStats:
-        """One outer update on a meta-batch of tasks (backward task by task to save memory).
+        """One outer update on a meta-batch of tasks (equal ways, shots and queries): one
+        batched forward, one backward, one optimizer step; nothing waits for the GPU.
 
         Returns:
-            `MetaStepStats` with the mean query loss and accuracy and per-task results.
+            `MetaStepStats`: per-task query loss and accuracies on the device.
         """
         if not tasks:
             raise ValueError("meta_step needs at least one task")
+        shapes = {(t.ways, len(t.support_y), len(t.query_y)) for t in tasks}
+        if len(shapes) > 1:
+            raise ValueError(f"meta_step: tasks of one meta-batch differ in shape: {shapes}")
         self.train()
         optimizer.zero_grad(set_to_none=True)
-        scale = 1.0 / len(tasks) if self.settings.reduction == "mean" else 1.0
-        per_task: list[TaskStats] = []
-        for task in tasks:
-            logits = self.task_logits(task.support_x, task.support_y, task.query_x)
-            loss = F.cross_entropy(logits, task.query_y)
-            (loss * scale).backward()
-            per_task.append(task_stats(logits.detach(), task, float(loss.detach())))
-        optimizer.step()
-        return MetaStepStats(
-            loss=float(np.mean([t.loss for t in per_task])),
-            accuracy=float(np.mean([t.accuracy for t in per_task])),
-            tasks=per_task,
+        query_y = torch.stack([t.query_y for t in tasks])
+        logits = self.tasks_logits(
+            [t.support_x for t in tasks],
+            torch.stack([t.support_y for t in tasks]),
+            [t.query_x for t in tasks],
+            tasks[0].ways,
         )
+        losses, accuracies, per_class = query_results(logits, query_y, tasks[0].ways)
+        stats = MetaStepStats(losses, accuracies, per_class, tasks)
+        (losses.mean() if self.settings.reduction == "mean" else losses.sum()).backward()
+        optimizer.step()
+        return stats
 
     def checkpoint_parts(self, head: HeadRecipe | None = None) -> dict[str, Any]:
         """The learner as plain data for a self-describing checkpoint (tensors and JSON-able
         values only, loadable with `torch.load(weights_only=True)`): {"model", "model_args",
-        "state_dict" (the SS encoder), "meta": settings + "ways", "deploy": the head recipe of
-        meta-test and the device (`head`, default from the settings) and the meta-learned FC
-        init} (`mtl_edge.train.checkpoint`)."""
+        "state_dict" (the SS encoder, copies on the CPU), "meta": settings + "ways", "deploy":
+        the head recipe of meta-test and the device (`head`, default from the settings) and the
+        meta-learned FC init} (`mtl_edge.train.checkpoint`)."""
         encoder: Any = self.encoder
         return {
             "model": str(getattr(encoder, "name", "")),
             "model_args": dict(getattr(encoder, "model_args", {})),
-            "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+            "state_dict": {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()},
             "meta": meta_entry(self.settings, self.ways),
             "deploy": deploy_section(
                 head or meta_head_recipe(self.settings),
                 {"kind": "mtl"},
-                (self.fc_weight, self.fc_bias),
+                (self.fc_weight.clone(), self.fc_bias.clone()),
             ),
         }
 
@@ -318,23 +299,13 @@ class MetaTransferLearner(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            logits = self.task_logits(task.support_x, task.support_y, task.query_x, steps)
-            loss = float(F.cross_entropy(logits, task.query_y))
-            return task_stats(logits, task, loss)
+            logits = self.tasks_logits(
+                [task.support_x], task.support_y[None], [task.query_x], task.ways, steps
+            )
+            results = query_results(logits, task.query_y[None], task.ways)
+            return MetaStepStats(*results, [task]).tasks[0]
         finally:
             self.train(was_training)
-
-
-def task_stats(logits: torch.Tensor, task: Task, loss: float) -> TaskStats:
-    """`TaskStats` from query logits (n_q, ways)."""
-    acc = per_class_accuracy(logits, task.query_y, task.ways)
-    return TaskStats(
-        classes=[int(c) for c in task.classes],
-        class_accuracy=[float(a) for a in acc],
-        accuracy=float((logits.argmax(1) == task.query_y).float().mean()),
-        loss=loss,
-        is_hard=task.is_hard,
-    )
 
 
 def learner_from_parts(

@@ -13,8 +13,11 @@ bf16 units, FP32 elsewhere.
 
 `runtime.channels_last` is "auto" (channels-last exactly when bf16/fp16 autocast runs: oneDNN's
 bf16 convolutions and cuDNN's tensor-core kernels both prefer NHWC), true or false.
-`runtime.compile` wraps the pre-training step's network in `torch.compile` (off by default: see
-docs/mini-cpu-notes.md for what it measured on the CPU).
+`runtime.compile` runs the backbone through `torch.compile` in pre-training and meta-transfer
+(off by default: on the CPU its compile time did not pay; the GPU recipe turns it on).
+`fused_options(device)` gives the optimizers their fused kernels on a GPU (`fused=True`; plain
+loops elsewhere), and `configure_device` lets cuDNN pick its fastest kernels for the fixed
+shapes of a training run.
 
 Parameters and optimizer state stay FP32 under autocast; the losses are computed in FP32 from
 `logits.float()`; the few-shot FC inner loop always runs in FP32 on FP32 features.
@@ -146,3 +149,17 @@ def resolve_precision(
     if announce:
         log.log(level, "training precision %s (%s)", prec.name, reason)
     return prec
+
+
+def fused_options(device: torch.device | str) -> dict[str, bool]:
+    """Keyword options of `torch.optim.SGD` / `Adam` for parameters on `device`: the fused
+    (one kernel for every parameter) implementation on CUDA, the default elsewhere."""
+    return {"fused": True} if torch.device(device).type == "cuda" else {}
+
+
+def configure_device(device: torch.device | str) -> None:
+    """On CUDA: cuDNN benchmarks its convolution algorithms once per shape (a training run's
+    shapes are fixed) and float32 matmuls may use TF32 (the FP32 parts: the FC inner loop)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")

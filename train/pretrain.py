@@ -6,10 +6,13 @@ classifier over the base classes on top of `forward_features`. After every `val_
 the backbone is scored on N-way K-shot episodes of the validation classes with a
 nearest-centroid head on its features (fixed episodes, so scores compare across epochs); the
 best epoch is RUN/best.pt, the newest RUN/last.pt (with optimizer and schedule, for `resume`).
-Precision (bf16 autocast + channels-last where the CPU or GPU has bf16 units) comes from
-`mtl_edge.train.precision`; with a time budget (`mtl_edge.train.budget`) the first steps set
-the epochs. Under torchrun the batches are split
-across ranks (`mtl_edge.train.distributed`); rank 0 writes the run folder.
+Precision (bf16 autocast + channels-last where the CPU or GPU has bf16 units), `torch.compile`
+(`runtime.compile`) and the fused SGD kernel on a GPU come from `mtl_edge.train.precision`; with
+a time budget (`mtl_edge.train.budget`) the first steps set the epochs. The step loop never waits
+for the GPU: loss and accuracy are summed on the device and read once per epoch (and every
+`LOG_EVERY` steps while a progress bar shows them). `runtime.save = "end"` writes the
+checkpoints once, when the stage ends. Under torchrun the batches are split across ranks
+(`mtl_edge.train.distributed`); rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from mtl_edge.train.checkpoint import (
 from mtl_edge.train.config import Recipe, as_recipe
 from mtl_edge.train.gpu_data import make_generator
 from mtl_edge.train.metatest import extract_features
-from mtl_edge.train.precision import resolve_precision
+from mtl_edge.train.precision import configure_device, fused_options, resolve_precision
 from mtl_edge.train.runs import Run, seed_everything
 from mtl_edge.train.torchdata import (
     describe,
@@ -59,6 +62,9 @@ from mtl_edge.train.torchdata import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Steps between progress-bar readings of the device-side loss and accuracy.
+LOG_EVERY = 50
 
 
 def lr_factor(cfg: Recipe, step: int, steps_per_epoch: int) -> float:
@@ -98,7 +104,8 @@ def pretrain(
 
     Returns:
         {"checkpoint": best.pt, "last": last.pt, "images": training images processed (all
-         ranks), "best_val": best validation accuracy (percent) or None, "rank",
+         ranks), "work": {"train_images", "eval_images", "classes"} (`mtl_edge.train.flops`),
+         "best_val": best validation accuracy (percent) or None, "rank",
          "param_checksum": sum of the backbone's parameters (equal on every rank)}.
 
     Raises:
@@ -136,6 +143,7 @@ def pretrain(
     net.add_module("backbone", backbone)
     net.add_module("classifier", classifier)
     net.to(device)
+    configure_device(device)
     prec = resolve_precision(rt.amp, rt.channels_last, device, announce=ctx.is_main)
     prec.model(net)
     optimizer = torch.optim.SGD(
@@ -144,6 +152,7 @@ def pretrain(
         momentum=p.momentum,
         nesterov=p.nesterov and p.momentum > 0,
         weight_decay=p.weight_decay,
+        **fused_options(device),
     )
     per_rank = len(train_data) // ctx.world_size
     steps_per_epoch = max(per_rank // p.batch_size, 1)
@@ -216,11 +225,17 @@ def pretrain(
                 lambda f, k: centroid_accuracy(f, val_split.labels, val_sampler, k),
                 p.val_episodes,
             )  # fmt: skip
-        probe_idx, probe_gen = torch.arange(p.batch_size), make_generator(rt.seed + 1, data_device)
+        probe_idx = torch.arange(p.batch_size, device=data_device)
+        probe_gen = make_generator(rt.seed + 1, data_device)
+        probe: dict[int, nn.Module] = {}  # the probe's copy, compiled once like `model`
+
+        def probe_step(m: nn.Module, o: torch.optim.Optimizer) -> None:
+            fn = probe.setdefault(id(m), torch.compile(m) if rt.compile else m)  # type: ignore[arg-type]
+            train_step(fn, o, probe_idx, probe_gen)
+
         cfg, steps_per_epoch, plan = budget_mod.plan_pretrain(
-            clock, cfg, out, net, lambda m, o: train_step(m, o, probe_idx, probe_gen), val_s,
-            steps_per_epoch,
-        )  # fmt: skip
+            clock, cfg, out, net, probe_step, val_s, steps_per_epoch
+        )
         p = cfg.pretrain  # the scheduler's lambda reads the planned cfg and steps_per_epoch
     base = {
         "model": cfg.model.backbone,
@@ -232,6 +247,8 @@ def pretrain(
         "train_split": split_entry(train_split),
     }
     epoch = start_epoch - 1  # the last epoch run, for the budget record
+    eval_images = 0
+    pending: list[tuple[Path, dict[str, Any]]] = []  # runtime.save = "end": written at the end
     with progress_bar(bars) as progress:
         for epoch in range(start_epoch, p.epochs):
             net.train()
@@ -239,44 +256,45 @@ def pretrain(
             task = progress.add_task(
                 f"pretrain {epoch + 1}/{p.epochs}", total=steps_per_epoch, info=""
             )
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            seen = 0
             order = dist_util.shard_order(len(train_data), gen, ctx)
             for step in range(steps_per_epoch):
-                if plan is not None and plan.must_stop():
+                if budget_mod.stop_now(plan):
                     break
                 idx = order[step * p.batch_size : (step + 1) * p.batch_size]
                 logits, y, loss = train_step(model, optimizer, idx, gen)
                 scheduler.step()
                 n = int(y.shape[0])
-                loss_sum += float(loss.detach()) * n
-                correct += int((logits.argmax(1) == y).sum())
+                loss_sum += loss.detach() * n
+                correct += (logits.detach().argmax(1) == y).sum()
                 seen += n
-                rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
-                progress.update(
-                    task,
-                    advance=1,
-                    info=f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}% "
-                    f"{rate:.0f} img/s",
-                )
+                info = None
+                if bars and (step + 1) % LOG_EVERY == 0:  # reading the sums waits for the GPU
+                    rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+                    info = (
+                        f"loss {float(loss_sum) / seen:.3f} acc {100 * int(correct) / seen:.1f}% "
+                        f"{rate:.0f} img/s"
+                    )
+                progress.update(task, advance=1, **({"info": info} if info else {}))
             progress.remove_task(task)
             images += seen * ctx.world_size
+            train_loss, train_correct = float(loss_sum), int(correct)  # one wait per epoch
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {
                 "stage": "pretrain",
                 "epoch": epoch,
-                "loss": loss_sum / max(seen, 1),
-                "train_acc": 100.0 * correct / max(seen, 1),
+                "loss": train_loss / max(seen, 1),
+                "train_acc": 100.0 * train_correct / max(seen, 1),
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": seconds,
                 "images_per_s": seen * ctx.world_size / max(seconds, 1e-9),
             }
             if not ctx.is_main:
                 continue
-            validate = val_sampler is not None and (
-                (epoch + 1) % p.val_every == 0
-                or epoch + 1 == p.epochs
-                or (plan is not None and plan.stopped)
-            )
+            last_epoch = epoch + 1 == p.epochs or budget_mod.stopped(plan)
+            validate = val_sampler is not None and ((epoch + 1) % p.val_every == 0 or last_epoch)
             improved = False
             if validate:
                 assert val_data is not None and val_split is not None and val_sampler is not None
@@ -284,6 +302,7 @@ def pretrain(
                     feats = extract_features(
                         backbone, val_data.eval_batch, len(val_data), 256, device
                     )
+                eval_images += len(val_data)
                 acc, ci = centroid_accuracy(feats, val_split.labels, val_sampler, p.val_episodes)
                 row |= {"val_acc": acc, "val_ci95": ci}
                 improved = acc > best
@@ -306,20 +325,28 @@ def pretrain(
                 "epoch": epoch,
             }
             if improved:
-                save_checkpoint(best_path, ckpt)
-            save_checkpoint(
-                last_path,
-                ckpt
-                | {
-                    "classifier": backbone_state(classifier),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": {"generator": gen.get_state()},
-                    "best": best,
-                    "images": images,
-                },
+                pending = [(best_path, ckpt)]
+            pending.append(
+                (
+                    last_path,
+                    ckpt
+                    | {
+                        "classifier": backbone_state(classifier),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": {"generator": gen.get_state()},
+                        "best": best,
+                        "images": images,
+                    },
+                )
             )
-            if plan is not None and plan.stopped:
+            if rt.save == "epoch" or last_epoch:
+                for path, state in pending:
+                    save_checkpoint(path, state)
+                pending = []
+            else:
+                pending = pending[:-1]  # keep the best epoch's checkpoint, not this last.pt
+            if budget_mod.stopped(plan):
                 break
     if plan is not None:
         plan.finish(epochs_run=epoch + 1 - start_epoch, best_val=best if best >= 0 else None)
@@ -328,6 +355,11 @@ def pretrain(
         "checkpoint": str(best_path),
         "last": str(last_path),
         "images": images,
+        "work": {
+            "train_images": images,
+            "eval_images": eval_images,
+            "classes": train_split.num_classes,
+        },
         "best_val": best if best >= 0 else None,
         "rank": ctx.rank,
         "param_checksum": dist_util.param_checksum(backbone),

@@ -17,6 +17,7 @@ REDUCTIONS = ("mean", "sum")
 META_KINDS = ("reptile", "maml")
 MIX_KINDS = ("paper", "code")
 OPTIMIZERS = ("adam", "sgd")
+INNER_LOOPS = ("batched", "autograd")
 TASK_HEAD_INITS = ("zero", "prototypes")
 
 
@@ -91,6 +92,9 @@ class MetaConfig:
             what the device falls back to), "normal" (std 0.01) or "kaiming" (the PyTorch code).
         bn_mode: "frozen" (default) or "train"; see `mtl_edge.train.ss`.
         reduction: meta-batch loss "mean" (default) or "sum" over tasks.
+        inner_loop: "batched" (default: every task of a meta-batch at once, closed-form
+            gradient) or "autograd" (the per-task reference); the same update
+            (`mtl_edge.train.base_learner`).
 
     The driver's settings:
 
@@ -107,6 +111,9 @@ class MetaConfig:
         also_without_ht: train a second meta-model without HT (saved as without_ht/best.pt).
         augment: augment the meta-training task images.
         val_episodes, val_shots: validation tasks on the validation classes after each epoch.
+        snapshots: also keep the weights at the end of this many evenly spaced epochs (the
+            last included) as RUN/snapshot-<epoch>.pt, written at the end of the stage: the
+            candidates a later validation picks from when training ran without one.
     """
 
     inner_steps: int = 100
@@ -119,6 +126,7 @@ class MetaConfig:
     fc_init: str = "zeros"
     bn_mode: str = "frozen"
     reduction: str = "mean"
+    inner_loop: str = "batched"
     pretrained: str = ""
     ways: int = 5
     shots: int = 1
@@ -136,11 +144,12 @@ class MetaConfig:
     augment: bool = False
     val_episodes: int = 100
     val_shots: int = 0
+    snapshots: int = 0
 
     def __post_init__(self) -> None:
         positive = ["shots", "queries", "meta_batch", "iterations", "epoch_length", "lr_step"]
         require_at_least("meta", self, ["inner_steps", "test_steps", "val_episodes"], 0)
-        require_at_least("meta", self, ["val_shots"], 0)
+        require_at_least("meta", self, ["val_shots", "snapshots"], 0)
         require_at_least("meta", self, positive, 1)
         require_at_least("meta", self, ["ways"], 2)
         require_positive("meta", self, ["inner_lr", "ss_lr", "fc_lr"])
@@ -148,6 +157,7 @@ class MetaConfig:
         require_one_of("meta", "fc_init", self.fc_init, FC_INITS)
         require_one_of("meta", "bn_mode", self.bn_mode, BN_MODES)
         require_one_of("meta", "reduction", self.reduction, REDUCTIONS)
+        require_one_of("meta", "inner_loop", self.inner_loop, INNER_LOOPS)
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,16 @@ from PIL import Image
 
 from mtl_edge.atomicio import atomic_write_json
 from mtl_edge.bench.accuracy import AccuracyConfig, run_accuracy
-from mtl_edge.bench.machine import torch_flops_per_image
 from mtl_edge.bundle import Bundle
 from mtl_edge.data.decode import default_cache_dir
 from mtl_edge.data.split import ImageSplit
 from mtl_edge.errors import ConfigError
 from mtl_edge.export.api import export_checkpoint
 from mtl_edge.jsonfile import json_safe
-from mtl_edge.train.checkpoint import load_checkpoint
+from mtl_edge.preprocess import Preprocess
+from mtl_edge.train.checkpoint import load_checkpoint, read_checkpoint
 from mtl_edge.train.config import Recipe
-from mtl_edge.train.fuse import fuse_model
+from mtl_edge.train.flops import stage_flops
 from mtl_edge.train.gpu_data import DeviceDataset, default_device
 from mtl_edge.train.meta_train import meta_train
 from mtl_edge.train.metatest import extract_features, meta_test
@@ -45,19 +45,26 @@ def _metrics_files(ctx: StageContext) -> list[str]:
 
 
 def _training_result(ctx: StageContext, result: Mapping[str, Any]) -> StageResult:
-    """Outputs of a training call: {"checkpoint", "images", optional "checkpoints" by name,
-    "best_val", "hard_tasks"};
-    the training FLOPs are 3 x the forward FLOPs per image x images (forward + backward)."""
+    """Outputs of a training call: {"checkpoint", "images", optional "checkpoints" and
+    "snapshots" by name, "best_val", "hard_tasks", "flops" (by part)}; the training FLOPs count
+    only the work done (`mtl_edge.train.flops.stage_flops`: no backward of first-order support
+    images, no input gradient of the first conv)."""
     outputs: dict[str, Any] = {"checkpoint": ctx.rel(result["checkpoint"])}
     outputs |= {k: result[k] for k in ("best_val", "hard_tasks") if result.get(k) is not None}
-    for label, path in dict(result.get("checkpoints", {})).items():
-        outputs.setdefault("checkpoints", {})[label] = ctx.rel(path)
+    for key in ("checkpoints", "snapshots"):
+        for label, path in dict(result.get(key, {})).items():
+            outputs.setdefault(key, {})[label] = ctx.rel(path)
     images = int(result.get("images", 0))
     flops = None
     if images:
-        loaded = load_checkpoint(result["checkpoint"])
-        shape = loaded.preprocess.input_shape
-        flops = 3 * torch_flops_per_image(fuse_model(loaded.backbone), shape) * images
+        ckpt = read_checkpoint(result["checkpoint"])
+        shape = Preprocess.from_dict(dict(ckpt["preprocess"])).input_shape
+        args = {k: v for k, v in dict(ckpt["model_args"]).items() if k != "ss_shortcut"}
+        counted = stage_flops(
+            ctx.name, str(ckpt["model"]), args, ctx.recipe, shape, dict(result.get("work", {}))
+        )
+        outputs["flops"] = counted
+        flops = counted["total"]
     return StageResult(outputs, images, flops, _metrics_files(ctx))
 
 

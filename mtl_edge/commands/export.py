@@ -105,6 +105,8 @@ def check_summary(result: dict[str, Any]) -> list[str]:
         f"source: {prov.get('checkpoint')} sha256 {str(prov.get('checkpoint_sha256'))[:12]}, "
         f"stage {prov.get('stage')}, dataset {prov.get('dataset')}, created {prov.get('created')}",
         f"export parity: {'PASS' if result['export_parity_pass'] else 'not recorded or FAIL'}",
+        f"check images: {result['images']['count']} {result['images']['kind']}"
+        + (f" from {result['images']['split']}" if "split" in result["images"] else ""),
     ]
     for name, r in result["variants"].items():
         lines.append(
@@ -193,6 +195,12 @@ def register(app: typer.Typer, name: str) -> None:
             None, "--sign", metavar="KEY", help="Sign the bundle with this Ed25519 private key."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+        check_data: Path | None = typer.Option(
+            None,
+            "--check-data",
+            help="check: real images from this class-folder split "
+            "(<dir>/<class>/<image>; default: synthetic ones).",
+        ),  # fmt: skip
     ) -> None:
         if args[0] == "check":
             given = [
@@ -209,8 +217,10 @@ def register(app: typer.Typer, name: str) -> None:
                 )
             if len(args) != 2:
                 raise ConfigError("usage: mtl-edge export check BUNDLE [--json]")
-            _run_check(Path(args[1]), seed, as_json)
+            _run_check(Path(args[1]), seed, as_json, check_data)
             return
+        if check_data is not None:
+            raise ConfigError("--check-data is an option of `mtl-edge export check BUNDLE`")
         if len(args) != 1:
             raise ConfigError(
                 f"expected one CHECKPOINT, got {len(args)} arguments ({' '.join(args)}); "
@@ -264,10 +274,10 @@ def register(app: typer.Typer, name: str) -> None:
                 typer.echo(f"signed: key {report['signature']['key_id']} (signature.json)")
 
 
-def _run_check(path: Path, seed: int, as_json: bool) -> None:
+def _run_check(path: Path, seed: int, as_json: bool, data: Path | None) -> None:
     from mtl_edge.export.check import check_bundle  # torch-free: onnxruntime and numpy only
 
-    result = check_bundle(path, seed=seed)
+    result = check_bundle(path, seed=seed, data=data)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
