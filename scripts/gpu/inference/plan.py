@@ -51,7 +51,7 @@ def load_plan(path: Path = PLAN) -> dict[str, Any]:
 def part_bytes(plan: dict[str, Any]) -> int:
     """The most data one call may carry beside the working tree (its budget) and a margin."""
     lease = plan["lease"]
-    return (lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB
+    return int((lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB)
 
 
 def payload_sizes(plan: dict[str, Any]) -> dict[str, int]:
@@ -149,7 +149,7 @@ def compute_seconds(plan: dict[str, Any]) -> float:
 
 def call_bytes(plan: dict[str, Any], call: dict[str, Any]) -> int:
     """What one call sends: the working tree at its budget (repo_mib_max), and its parts."""
-    return plan["lease"]["repo_mib_max"] * MIB + sum(p[2] for p in call["parts"])
+    return int(plan["lease"]["repo_mib_max"] * MIB) + sum(p[2] for p in call["parts"])
 
 
 def call_seconds(plan: dict[str, Any], call: dict[str, Any]) -> float:

@@ -52,7 +52,7 @@ def load_plan(path: Path = PLAN) -> dict[str, Any]:
 def part_limit(plan: dict[str, Any]) -> int:
     """The most data one call may carry beside the working tree at its budget, with a margin."""
     lease = plan["lease"]
-    return (lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB
+    return int((lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB)
 
 
 def part_sizes(total: int, part_bytes: int) -> list[int]:
@@ -100,7 +100,7 @@ def layout(
 def call_bytes(plan: dict[str, Any], call: dict[str, Any]) -> int:
     """What one call sends: the working tree at its budget (repo_mib_max), its part(s) and the
     manifest."""
-    return plan["lease"]["repo_mib_max"] * MIB + sum(p[1] for p in call["parts"]) + MANIFEST_BYTES
+    return int(plan["lease"]["repo_mib_max"] * MIB) + sum(p[1] for p in call["parts"]) + MANIFEST_BYTES
 
 
 def _before_command(plan: dict[str, Any], call: dict[str, Any], start: float) -> float:

@@ -42,7 +42,7 @@ def load_plan(path: Path = PLAN) -> dict[str, Any]:
 def part_bytes(plan: dict[str, Any]) -> int:
     """The most data one call may carry beside the working tree at its budget."""
     lease = plan["lease"]
-    return (lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB
+    return int((lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB)
 
 
 def shard_bytes(plan: dict[str, Any]) -> list[int]:
@@ -98,7 +98,7 @@ def parse_budget(text: str) -> float:
 
 def call_bytes(plan: dict[str, Any], call: dict[str, Any]) -> int:
     """What one call sends: the working tree at its budget and the shard."""
-    return plan["lease"]["repo_mib_max"] * MIB + call["bytes"]
+    return int(plan["lease"]["repo_mib_max"] * MIB) + call["bytes"]
 
 
 def returned_bytes(plan: dict[str, Any]) -> int:

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The mini-cpu model from scratch to the built-in bundle on this machine (docs/mini-cpu-notes.md).
+#
+#   scripts/mini-cpu/run.sh [RUNS] [RESULTS]
+#
+# RUNS (default runs/mini-cpu) gets the run folders and the bundle; RESULTS (default
+# bench/results/<today>-cpu-mini) the reports people read. Data: $MTL_EDGE_DATA (default
+# ../shared/data) with miniimagenet/{train,val,test}. Budgets: PRE_BUDGET (70m) and META_BUDGET
+# (30m) of wall time for the two training stages; every later step is evaluation.
+# To skip training, set PRETRAINED=FILE (a pre-training checkpoint) or META=FILE.
+set -euo pipefail
+RUNS=${1:-runs/mini-cpu}
+RESULTS=${2:-bench/results/$(date -u +%F)-cpu-mini}
+DATA=${MTL_EDGE_DATA:-../shared/data}
+MINI=$DATA/miniimagenet
+CLI=${CLI:-mtl-edge}
+mkdir -p "$RUNS" "$RESULTS"
+log() { echo "$*" >> "$RESULTS/commands.txt"; echo "+ $*" >&2; "$@"; }
+timed() { /usr/bin/time -v -o "$RESULTS/time-$1.txt" "${@:2}"; }
+: > "$RESULTS/commands.txt"
+
+if [ -z "${META:-}" ]; then
+  if [ -z "${PRETRAINED:-}" ]; then
+    timed pretrain log $CLI train pretrain --recipe mini-cpu --out "$RUNS/pre" \
+      --time-budget "${PRE_BUDGET:-70m}"
+    PRETRAINED=$RUNS/pre/best.pt
+  fi
+  timed meta log $CLI train meta --recipe mini-cpu --out "$RUNS/meta" \
+    --pretrained "$PRETRAINED" --time-budget "${META_BUDGET:-30m}"
+  META=$RUNS/meta/best.pt
+fi
+timed metatest log $CLI train evaluate --checkpoint "$META" --split test --episodes 2000 \
+  --heads mtl,mtl-paper,centroid,logreg --json > "$RESULTS/metatest.json"
+python "$(dirname "$0")/card.py" "$RESULTS/metatest.json" "$RUNS/card.json" \
+  --commands "$RESULTS/commands.txt"
+timed export log $CLI export "$META" --out "$RUNS/bundle" --force --int8 \
+  --calib "$MINI/train" --calib-images 300 --eval "$MINI/test" --eval-per-class 60 \
+  --quant-episodes 2000 --card "$RUNS/card.json" --json > "$RESULTS/export.json"
+cp "$RUNS/bundle/manifest.json" "$RESULTS/manifest.json"
+for precision in fp32 int8-cpu; do
+  log $CLI bench enroll --bundle "$RUNS/bundle" --images "$MINI/test" --precision "$precision" \
+    --backend onnxruntime-cpu --out "$RESULTS/enroll-$precision" --json > /dev/null
+done
+log $CLI bench openset --bundle "$RUNS/bundle" --images "$MINI/test" \
+  --out "$RESULTS/openset" --json > /dev/null
+echo "done: $RUNS/bundle, reports in $RESULTS" >&2
