@@ -100,7 +100,9 @@ def layout(
 def call_bytes(plan: dict[str, Any], call: dict[str, Any]) -> int:
     """What one call sends: the working tree at its budget (repo_mib_max), its part(s) and the
     manifest."""
-    return int(plan["lease"]["repo_mib_max"] * MIB) + sum(p[1] for p in call["parts"]) + MANIFEST_BYTES
+    return (
+        int(plan["lease"]["repo_mib_max"] * MIB) + sum(p[1] for p in call["parts"]) + MANIFEST_BYTES
+    )
 
 
 def _before_command(plan: dict[str, Any], call: dict[str, Any], start: float) -> float:
