@@ -232,9 +232,7 @@ def register(app: typer.Typer, name: str) -> None:
 
     @group.command("openset", help="Open-set rejection: AUROC, known accepted, unknown rejected.")
     def openset(
-        bundle: Path = typer.Option(
-            ..., "--bundle", "-b", envvar="MTL_EDGE_BUNDLE", help="Model bundle folder."
-        ),
+        bundle: Path | None = BUNDLE_OPT,
         data: Path | None = typer.Option(
             None, "--data", help="Class folders (default: <data root>/miniimagenet)."
         ),
@@ -258,7 +256,8 @@ def register(app: typer.Typer, name: str) -> None:
         from mtl_edge.data.registry import data_root
 
         cfg = ops.OpenSetConfig(
-            bundle=bundle, data=data or data_root() / "miniimagenet", split=split or None,
+            bundle=resolve_bundle(bundle), data=data or data_root() / "miniimagenet",
+            split=split or None,
             episodes=episodes, seed=seed, enrolled=enrolled, unknown=unknown, shots=shots,
             queries=queries, backend=backend, precisions=parse_list(precisions, "--precisions"),
             threads=threads, cache=cache,

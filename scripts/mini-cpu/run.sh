@@ -33,7 +33,7 @@ timed metatest log $CLI train evaluate --checkpoint "$META" --split test --episo
   --heads mtl,mtl-paper,centroid,logreg --json > "$RESULTS/metatest.json"
 python "$(dirname "$0")/card.py" "$RESULTS/metatest.json" "$RUNS/card.json" \
   --commands "$RESULTS/commands.txt"
-timed export log $CLI export "$META" --out "$RUNS/bundle" --force --int8 \
+timed export log $CLI export "$META" --out "$RUNS/bundle" --force --int8 --int8-variants int8-cpu \
   --calib "$MINI/train" --calib-images 300 --eval "$MINI/test" --eval-per-class 60 \
   --quant-episodes 2000 --card "$RUNS/card.json" --json > "$RESULTS/export.json"
 cp "$RUNS/bundle/manifest.json" "$RESULTS/manifest.json"
@@ -41,6 +41,6 @@ for precision in fp32 int8-cpu; do
   log $CLI bench enroll --bundle "$RUNS/bundle" --images "$MINI/test" --precision "$precision" \
     --backend onnxruntime-cpu --out "$RESULTS/enroll-$precision" --json > /dev/null
 done
-log $CLI bench openset --bundle "$RUNS/bundle" --images "$MINI/test" \
+log $CLI bench openset --bundle "$RUNS/bundle" --data "$MINI" --precisions int8-cpu,fp32 \
   --out "$RESULTS/openset" --json > /dev/null
 echo "done: $RUNS/bundle, reports in $RESULTS" >&2
