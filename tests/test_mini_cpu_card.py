@@ -1,0 +1,55 @@
+"""scripts/mini-cpu: the model card written into the built-in bundle's manifest, and the chain
+script's syntax."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "mini-cpu"
+
+
+def _card_module():
+    spec = importlib.util.spec_from_file_location("mini_cpu_card", SCRIPTS / "card.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+METATEST = {
+    "split": "miniimagenet/test",
+    "ways": 5,
+    "queries": 15,
+    "episodes": 2000,
+    "seed": 0,
+    "results": {
+        "1": {"mtl": {"mean": 41.654, "ci95": 0.4175}, "centroid": {"mean": 41.6, "ci95": 0.41}},
+        "5": {"mtl": {"mean": 56.151, "ci95": 0.392}, "centroid": {"mean": 55.4, "ci95": 0.38}},
+    },
+}
+
+
+def test_card_holds_the_deploy_heads_accuracy_every_head_and_the_terms(tmp_path: Path) -> None:
+    src, out, commands = tmp_path / "m.json", tmp_path / "card.json", tmp_path / "c.txt"
+    src.write_text(json.dumps({"with_ht": METATEST}))
+    commands.write_text("mtl-edge train meta ...\n\nmtl-edge export ...\n")
+    subprocess.run(
+        [sys.executable, SCRIPTS / "card.py", src, out, "--commands", commands, "--note", "n"],
+        check=True,
+    )
+    card = json.loads(out.read_text())
+    assert card["accuracy"] == {
+        "5-way 1-shot": {"mean": 41.65, "ci95": 0.42},
+        "5-way 5-shot": {"mean": 56.15, "ci95": 0.39},
+    }
+    assert card["heads"]["5-way 5-shot"]["centroid"]["mean"] == 55.4
+    assert card["commands"] == ["mtl-edge train meta ...", "mtl-edge export ..."]
+    assert "ImageNet" in card["data_terms"] and card["protocol"]["episodes"] == 2000
+    assert _card_module().card(METATEST, [], "")["name"] == "mini-cpu"
+
+
+def test_the_chain_script_parses() -> None:
+    subprocess.run(["bash", "-n", SCRIPTS / "run.sh"], check=True)
