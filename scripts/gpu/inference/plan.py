@@ -31,27 +31,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/gpu: limits.py
+import limits  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).parent))  # also under PYTHONSAFEPATH=1 (device.sh)
 from parts import part_sizes  # noqa: E402
 
 PLAN = Path(__file__).with_name("plan.json")
-MIB = 1 << 20
+MIB = limits.MIB
 DEVICE_SH = "bash scripts/gpu/inference/device.sh"
 
 
 def load_plan(path: Path = PLAN) -> dict[str, Any]:
-    """plan.json, with the shared limits of the lease file it names read into plan["lease"]
-    (and that file's path, relative to plan.json, as plan["lease"]["file"])."""
-    plan = json.loads(path.read_text())
-    lease = json.loads((path.parent / plan["lease"]).read_text())
-    plan["lease"] = {"file": plan["lease"], **{k: v for k, v in lease.items() if k != "doc"}}
-    return plan
+    """plan.json with the lease limits in plan["lease"] (`limits.load_plan`)."""
+    return limits.load_plan(path)
 
 
-def part_bytes(plan: dict[str, Any]) -> int:
-    """The most data one call may carry beside the working tree (its budget) and a margin."""
-    lease = plan["lease"]
-    return int((lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB)
+part_bytes = limits.part_limit
 
 
 def payload_sizes(plan: dict[str, Any]) -> dict[str, int]:

@@ -34,25 +34,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/gpu: limits.py
+import limits  # noqa: E402
+
 PLAN = Path(__file__).with_name("plan.json")
-MIB = 1 << 20
+MIB = limits.MIB
 DEVICE_SH = "bash scripts/gpu/joint/device.sh"
 MANIFEST_BYTES = 4096  # MANIFEST.json, beside every call's part
 
 
 def load_plan(path: Path = PLAN) -> dict[str, Any]:
-    """plan.json, with the shared limits of the lease file it names read into plan["lease"]
-    (and that file's path, relative to plan.json, as plan["lease"]["file"])."""
-    plan = json.loads(path.read_text())
-    lease = json.loads((path.parent / plan["lease"]).read_text())
-    plan["lease"] = {"file": plan["lease"], **{k: v for k, v in lease.items() if k != "doc"}}
-    return plan
+    """plan.json with the lease limits in plan["lease"] (`limits.load_plan`)."""
+    return limits.load_plan(path)
 
 
-def part_limit(plan: dict[str, Any]) -> int:
-    """The most data one call may carry beside the working tree at its budget, with a margin."""
-    lease = plan["lease"]
-    return int((lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB)
+part_limit = limits.part_limit
 
 
 def part_sizes(total: int, part_bytes: int) -> list[int]:

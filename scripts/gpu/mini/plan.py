@@ -23,26 +23,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/gpu: limits.py
+import limits  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).parent))
 from shards import ROW, shard_sizes  # noqa: E402
 
 PLAN = Path(__file__).with_name("plan.json")
-MIB = 1 << 20
+MIB = limits.MIB
 DEVICE_SH = "bash scripts/gpu/mini/device.sh"
 
 
 def load_plan(path: Path = PLAN) -> dict[str, Any]:
-    """plan.json with the lease file's limits read into plan["lease"]."""
-    plan = json.loads(path.read_text())
-    lease = json.loads((path.parent / plan["lease"]).read_text())
-    plan["lease"] = {"file": plan["lease"], **{k: v for k, v in lease.items() if k != "doc"}}
-    return plan
+    """plan.json with the lease limits in plan["lease"] (`limits.load_plan`)."""
+    return limits.load_plan(path)
 
 
-def part_bytes(plan: dict[str, Any]) -> int:
-    """The most data one call may carry beside the working tree at its budget."""
-    lease = plan["lease"]
-    return int((lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB)
+part_bytes = limits.part_limit
 
 
 def shard_bytes(plan: dict[str, Any]) -> list[int]:
