@@ -69,22 +69,34 @@ SHOTS = 5
 QUERIES = 20
 
 
+def _class_folders(split: ImageSplit, root: Path) -> Path:
+    """`split` as `<root>/<class>/<file>`: the original files copied when it has paths (real
+    photos stay byte for byte what they were), PNGs of the pixels otherwise."""
+    if split.paths is None:
+        return write_class_folders(split, root, True)
+    shutil.rmtree(root, ignore_errors=True)
+    for c, indices in enumerate(split.indices_by_class()):
+        folder = root / split.class_names[c]
+        folder.mkdir(parents=True)
+        for i in indices:
+            shutil.copy2(split.paths[i], folder / split.paths[i].name)
+    return root
+
+
 def _enroll_and_classify(
     bundle: Path, split: ImageSplit, workdir: Path, queries: int | None = None
 ) -> dict[str, Any]:
-    """Write SHOTS enrollment photos and up to `queries` (None: all the rest) other photos per
-    class of `split` as files, enroll them with `bundle` on onnxruntime, FP32 and INT8, and
-    classify the others (no rejection). Returns {"classes", "shots", precision: {accuracy,
-    images}}."""
+    """Put SHOTS enrollment photos and up to `queries` (None: all the rest) other photos per
+    class of `split` in class folders, enroll them with `bundle` on onnxruntime, FP32 and
+    INT8, and classify the others (no rejection). Returns {"classes", "shots", precision:
+    {accuracy, images}}."""
     by_class = split.indices_by_class()
     rest = [c[SHOTS:] if queries is None else c[SHOTS : SHOTS + queries] for c in by_class]
-    enroll = write_class_folders(
-        split.take([i for c in by_class for i in c[:SHOTS]], "enroll"), workdir / "enroll", True
+    enroll = _class_folders(
+        split.take([i for c in by_class for i in c[:SHOTS]], "enroll"), workdir / "enroll"
     )
-    query = write_class_folders(
-        split.take([i for c in rest for i in c], "query"), workdir / "query", True
-    )
-    files = [(d.name, f) for d in sorted(query.iterdir()) for f in sorted(d.glob("*.png"))]
+    query = _class_folders(split.take([i for c in rest for i in c], "query"), workdir / "query")
+    files = [(d.name, f) for d in sorted(query.iterdir()) for f in sorted(d.iterdir())]
     out: dict[str, Any] = {"classes": len(by_class), "shots": SHOTS}
     for precision in ("fp32", "int8-cpu"):
         gallery = workdir / f"{precision}.gallery"
