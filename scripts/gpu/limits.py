@@ -27,3 +27,17 @@ def part_limit(plan: dict[str, Any]) -> int:
     """Bytes one call may carry beside the working tree at its budget, less the margin."""
     lease = plan["lease"]
     return int((lease["call_mib"] - lease["repo_mib_max"] - lease["margin_mib"]) * MIB)
+
+
+def call_kind_and_command(device_sh: str, carry_dir: str, n: int, calls: int) -> tuple[str, str]:
+    """(kind, command) of call n (from 1) of `calls` that carry data parts: the first receives
+    and records the machine's versions, the last runs the compute command, the others receive.
+    Each call's files travel in `<carry_dir>/call<n>`."""
+    folder = f"{carry_dir}/call{n}"
+    kind = "compute" if n == calls else "first" if n == 1 else "receive"
+    command = {
+        "first": f"{device_sh} receive {folder} && {device_sh} versions",
+        "receive": f"{device_sh} receive {folder}",
+        "compute": f"{device_sh} compute {folder}",
+    }[kind]
+    return kind, command

@@ -73,13 +73,8 @@ def layout(plan: dict[str, Any], sizes: dict[str, int] | None = None) -> list[di
     bins.sort(key=lambda b: -sum(p[2] for p in b))  # the lightest call last: it runs the bench
     spec, calls = plan["calls"], []
     for n, carried in enumerate(bins, 1):
+        kind, command = limits.call_kind_and_command(DEVICE_SH, plan["carry_dir"], n, len(bins))
         folder = f"{plan['carry_dir']}/call{n}"
-        kind = "compute" if n == len(bins) else "first" if n == 1 else "receive"
-        command = {
-            "first": f"{DEVICE_SH} receive {folder} && {DEVICE_SH} versions",
-            "receive": f"{DEVICE_SH} receive {folder}",
-            "compute": f"{DEVICE_SH} compute {folder}",
-        }[kind]
         calls.append(
             {
                 "n": n,

@@ -61,13 +61,8 @@ def _calls(plan: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
     """The calls of parts of `sizes`, the compute call's timeout left at 0 (`layout` sets it)."""
     calls = []
     for n, size in enumerate(sizes, 1):
+        kind, command = limits.call_kind_and_command(DEVICE_SH, plan["carry_dir"], n, len(sizes))
         folder = f"{plan['carry_dir']}/call{n}"
-        kind = "compute" if n == len(sizes) else "first" if n == 1 else "receive"
-        command = {
-            "first": f"{DEVICE_SH} receive {folder} && {DEVICE_SH} versions",
-            "receive": f"{DEVICE_SH} receive {folder}",
-            "compute": f"{DEVICE_SH} compute {folder}",
-        }[kind]
         calls.append(
             {
                 "n": n,
