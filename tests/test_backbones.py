@@ -123,6 +123,8 @@ def test_unknown_backbone_and_option() -> None:
         create_backbone("conv4", depth=3)
     with pytest.raises(ConfigError, match="widths"):
         create_backbone("resnet12", widths=[1, 2])
+    with pytest.raises(ConfigError, match=r"as a list"):  # `--backbone-arg widths=48,96,...`
+        create_backbone("resnet12", widths="48,96,192,384")
     with pytest.raises(ConfigError, match="in_channels"):
         create_backbone("conv4", in_channels=0)
 

@@ -1,10 +1,11 @@
 """scripts/mini-cpu: the model card written into the built-in bundle's manifest, and the chain
-script's syntax."""
+script run end to end against a stand-in CLI."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,5 +52,49 @@ def test_card_holds_the_deploy_heads_accuracy_every_head_and_the_terms(tmp_path:
     assert _card_module().card(METATEST, [], "")["name"] == "mini-cpu"
 
 
-def test_the_chain_script_parses() -> None:
+#: Stands in for `mtl-edge`: records its arguments, makes the files the next step reads.
+FAKE_CLI = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG"
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done
+case "$1 $2" in
+  "train pretrain"|"train meta") mkdir -p "$out"; touch "$out/best.pt" ;;
+  "train evaluate") cat "$FAKE_METATEST" ;;
+  export\ *) mkdir -p "$out"; echo '{}' > "$out/manifest.json"; echo '{}' ;;
+esac
+"""
+
+
+def test_the_chain_script_runs_every_step_in_order(tmp_path: Path) -> None:
     subprocess.run(["bash", "-n", SCRIPTS / "run.sh"], check=True)
+    cli, log, metatest = tmp_path / "mtl-edge", tmp_path / "calls.txt", tmp_path / "m.json"
+    cli.write_text(FAKE_CLI)
+    cli.chmod(0o755)
+    metatest.write_text(json.dumps({"with_ht": METATEST}))
+    env = {
+        **os.environ,
+        "CLI": str(cli),
+        "FAKE_LOG": str(log),
+        "FAKE_METATEST": str(metatest),
+        "MTL_EDGE_DATA": str(tmp_path / "data"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    done = subprocess.run(
+        ["bash", SCRIPTS / "run.sh", runs, results], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    steps = [" ".join(line.split()[:2]) for line in log.read_text().splitlines()]
+    assert steps == [
+        "train pretrain",
+        "train meta",
+        "train evaluate",
+        "export " + str(runs) + "/meta/best.pt",
+        "bench enroll",
+        "bench enroll",
+        "bench openset",
+    ]
+    for name in ("pretrain", "meta", "metatest", "export"):
+        assert "Elapsed (wall clock)" in (results / f"time-{name}.txt").read_text()
+    assert json.loads((runs / "card.json").read_text())["accuracy"]["5-way 1-shot"]["mean"] == 41.65
+    assert (results / "commands.txt").read_text().count("\n") == 7

@@ -169,7 +169,12 @@ class ResNet12(Backbone):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        widths = [int(w) for w in widths]
+        if isinstance(widths, str) or not all(isinstance(w, int) for w in widths):
+            raise ConfigError(
+                f"resnet12 widths={widths!r}: give 4 channel counts as a list, "
+                "e.g. widths=[48,96,192,384]"
+            )
+        widths = list(widths)
         if len(widths) != 4 or min(widths) < 1:
             raise ConfigError(f"resnet12 widths={widths}: give 4 positive channel counts")
         blocks = []

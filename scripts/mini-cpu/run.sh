@@ -16,24 +16,29 @@ MINI=$DATA/miniimagenet
 CLI=${CLI:-mtl-edge}
 mkdir -p "$RUNS" "$RESULTS"
 log() { echo "$*" >> "$RESULTS/commands.txt"; echo "+ $*" >&2; "$@"; }
-timed() { /usr/bin/time -v -o "$RESULTS/time-$1.txt" "${@:2}"; }
+# timed NAME CMD...: `log`, with /usr/bin/time's report in RESULTS/time-NAME.txt.
+timed() {
+  local name=$1; shift
+  echo "$*" >> "$RESULTS/commands.txt"; echo "+ $*" >&2
+  /usr/bin/time -v -o "$RESULTS/time-$name.txt" "$@"
+}
 : > "$RESULTS/commands.txt"
 
 if [ -z "${META:-}" ]; then
   if [ -z "${PRETRAINED:-}" ]; then
-    timed pretrain log $CLI train pretrain --recipe mini-cpu --out "$RUNS/pre" \
+    timed pretrain $CLI train pretrain --recipe mini-cpu --out "$RUNS/pre" \
       --time-budget "${PRE_BUDGET:-70m}"
     PRETRAINED=$RUNS/pre/best.pt
   fi
-  timed meta log $CLI train meta --recipe mini-cpu --out "$RUNS/meta" \
+  timed meta $CLI train meta --recipe mini-cpu --out "$RUNS/meta" \
     --pretrained "$PRETRAINED" --time-budget "${META_BUDGET:-30m}"
   META=$RUNS/meta/best.pt
 fi
-timed metatest log $CLI train evaluate --checkpoint "$META" --split test --episodes 2000 \
+timed metatest $CLI train evaluate --checkpoint "$META" --split test --episodes 2000 \
   --heads mtl,mtl-paper,centroid,logreg --json > "$RESULTS/metatest.json"
 python "$(dirname "$0")/card.py" "$RESULTS/metatest.json" "$RUNS/card.json" \
   --commands "$RESULTS/commands.txt"
-timed export log $CLI export "$META" --out "$RUNS/bundle" --force --int8 --int8-variants int8-cpu \
+timed export $CLI export "$META" --out "$RUNS/bundle" --force --int8 --int8-variants int8-cpu \
   --calib "$MINI/train" --calib-images 300 --eval "$MINI/test" --eval-per-class 60 \
   --quant-episodes 2000 --card "$RUNS/card.json" --json > "$RESULTS/export.json"
 cp "$RUNS/bundle/manifest.json" "$RESULTS/manifest.json"
