@@ -13,6 +13,10 @@ classes acknowledged (201) and how many of them the gallery file lacks after the
 ("classes lost"), images per backend run (from the server's Prometheus metrics over the load
 window), stage means, top-1 agreement of the predictions with the photos' true classes, and the
 CPU seconds of server and load generator (they share the machine's cores).
+
+Before the rounds, the backend alone (`backend_ceiling`: same backend, precision and threads, in
+this process, no server) is timed per image at batch 1 and at `max_batch`: the most that
+batching can save inside the backend, and so the bound on the served throughput ratio.
 """
 
 from __future__ import annotations
@@ -405,6 +409,38 @@ def order_of(modes: tuple[str, ...], rounds: int) -> list[str]:
     return out
 
 
+def backend_ceiling(cfg: ServeBenchConfig, photos: Photos, rounds: int = 5) -> dict[str, Any]:
+    """Per-image backend time at batch 1 and at `cfg.max_batch` (medians over interleaved
+    rounds of about 32 images each), and their ratio: what batching can save in the backend."""
+    from mtl_edge.backends.select import create_backend
+    from mtl_edge.bundle import Bundle
+    from mtl_edge.preprocess import decode_image, preprocess_image
+
+    bundle = Bundle.load(cfg.bundle)
+    pre = bundle.preprocess
+    arrays = [preprocess_image(decode_image(d, pre.color_mode), pre) for _, d in photos.queries]
+    batch = np.stack([arrays[i % len(arrays)] for i in range(cfg.max_batch)])
+    extractor = create_backend(cfg.backend, bundle, cfg.precision, cfg.threads, cfg.max_batch)
+    per_image: dict[int, list[float]] = {1: [], cfg.max_batch: []}
+    for size in per_image:
+        extractor.extract(batch[:size])  # warm-up
+    for _ in range(rounds):
+        for size in per_image:
+            runs = max(1, 32 // size)
+            start = time.perf_counter()
+            for _ in range(runs):
+                extractor.extract(batch[:size])
+            per_image[size].append((time.perf_counter() - start) / (runs * size))
+    one, many = (1e3 * float(np.median(per_image[k])) for k in (1, cfg.max_batch))
+    return {
+        "batch": cfg.max_batch,
+        "batch1_ms_per_image": one,
+        "batched_ms_per_image": many,
+        "ratio": one / many,
+        "threads": cfg.threads,
+    }
+
+
 def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict[str, Any]:
     """Every mode of `cfg.modes`, `cfg.rounds` times each, with a pause between runs (thread
     pools spin after a run); the ratio of batched to unbatched throughput when both ran."""
@@ -414,6 +450,7 @@ def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict[str, Any]:
     bundle = Bundle.load(cfg.bundle)
     photos = load_photos(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
+    ceiling = backend_ceiling(cfg, photos)
     raw: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.modes}
     for i, mode in enumerate(order_of(cfg.modes, cfg.rounds)):
         if i:
@@ -428,6 +465,7 @@ def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict[str, Any]:
         "images": photos.source,
         "order": order_of(cfg.modes, cfg.rounds),
         "modes": modes,
+        "backend_ceiling": ceiling,
     }  # fmt: skip
     if "on" in by and "off" in by:
         off, on = by["off"]["predict"], by["on"]["predict"]

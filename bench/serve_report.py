@@ -92,6 +92,13 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"per server CPU second {_f(res.get('cpu_efficiency_ratio_on_off'), 2)}x, p50 "
             f"{_f(res.get('p50_ratio_on_off'), 2)}x, p99 {_f(res.get('p99_ratio_on_off'), 2)}x.",
         ]
+    ceiling = res.get("backend_ceiling")
+    if ceiling:
+        lines.append(
+            f"The backend alone, no server: {ceiling['batch1_ms_per_image']:.2f} ms per image at "
+            f"batch 1, {ceiling['batched_ms_per_image']:.2f} at batch {ceiling['batch']}: "
+            f"batching can at most make it **{ceiling['ratio']:.2f}x** faster."
+        )
     goal = res["goal"]
     lines.append(
         f"Goal: 0 errors {'met' if goal['zero_errors'] else 'MISSED'}, 0 classes lost "

@@ -54,7 +54,13 @@ def test_bench_serve_runs_both_modes_and_reports(tmp_path: Path) -> None:
     assert on["images_per_run"] >= 1.0
     ratio = on["predict"]["throughput_rps"] / off["predict"]["throughput_rps"]
     assert res["throughput_ratio_on_off"] == pytest.approx(ratio)
+    ceiling = res["backend_ceiling"]
+    assert ceiling["batch"] == 16 and ceiling["batch1_ms_per_image"] > 0
+    assert ceiling["ratio"] == pytest.approx(
+        ceiling["batch1_ms_per_image"] / ceiling["batched_ms_per_image"]
+    )
     markdown = (out / "serve.md").read_text()
+    assert "batching can at most make it" in markdown
     assert "Batched / unbatched: throughput" in markdown and "| on |" in markdown
     assert "Goal: 0 errors met, 0 classes lost met" in markdown
 
