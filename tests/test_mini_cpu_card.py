@@ -98,3 +98,31 @@ def test_the_chain_script_runs_every_step_in_order(tmp_path: Path) -> None:
         assert "Elapsed (wall clock)" in (results / f"time-{name}.txt").read_text()
     assert json.loads((runs / "card.json").read_text())["accuracy"]["5-way 1-shot"]["mean"] == 41.65
     assert (results / "commands.txt").read_text().count("\n") == 7
+
+
+def test_the_cli_timing_script_times_every_command(tmp_path: Path) -> None:
+    test = tmp_path / "data" / "miniimagenet" / "test"
+    for c in range(6):
+        (test / f"n{c}").mkdir(parents=True)
+        for i in range(10):
+            (test / f"n{c}" / f"{i}.jpg").write_bytes(b"jpeg")
+    cli, log = tmp_path / "mtl-edge", tmp_path / "calls.txt"
+    cli.write_text('#!/usr/bin/env bash\necho "$*" >> "$FAKE_LOG"\n')
+    cli.chmod(0o755)
+    env = {**os.environ, "CLI": str(cli), "FAKE_LOG": str(log),
+           "MTL_EDGE_DATA": str(tmp_path / "data")}  # fmt: skip
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", SCRIPTS / "cli-time.sh", out, "3"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [r for r in (out / "cli-time.md").read_text().splitlines() if r.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [
+        ["| enroll 5 x 5 JPEGs", "int8"],
+        ["| predict 1 JPEG", "int8"],
+        ["| enroll 5 x 5 JPEGs", "fp32"],
+        ["| predict 1 JPEG", "fp32"],
+    ]
+    assert all(len(r.split(" | ")[2].split()) == 3 for r in rows[1:])
+    calls = log.read_text().splitlines()
+    assert len(calls) == 12 and calls[3].endswith(str(test / "n0" / "9.jpg"))
