@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,17 +137,6 @@ def episode_loader(
         return data.eval_batch(idx).to(device)
 
     return load
-
-
-def batches_on(
-    it: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device, channels_last: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Move (images, labels) batches to `device` (non-blocking), channels-last if asked."""
-    for x, y in it:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        yield x, y.to(device, non_blocking=True)
 
 
 def describe(obj: Any) -> str:
