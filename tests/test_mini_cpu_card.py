@@ -96,7 +96,15 @@ def test_the_chain_script_runs_every_step_in_order(tmp_path: Path) -> None:
     ]
     for name in ("pretrain", "meta", "metatest", "export"):
         assert "Elapsed (wall clock)" in (results / f"time-{name}.txt").read_text()
-    assert json.loads((runs / "card.json").read_text())["accuracy"]["5-way 1-shot"]["mean"] == 41.65
+    card = json.loads((runs / "card.json").read_text())
+    assert card["accuracy"]["5-way 1-shot"]["mean"] == 41.65
+    # the card names the commands as a user types them, the export included
+    assert [c.split()[:3] for c in card["commands"]] == [
+        ["mtl-edge", "train", "pretrain"],
+        ["mtl-edge", "train", "meta"],
+        ["mtl-edge", "train", "evaluate"],
+        ["mtl-edge", "export", str(runs / "meta" / "best.pt")],
+    ]
     assert (results / "commands.txt").read_text().count("\n") == 7
 
 
@@ -125,4 +133,4 @@ def test_the_cli_timing_script_times_every_command(tmp_path: Path) -> None:
     ]
     assert all(len(r.split(" | ")[2].split()) == 3 for r in rows[1:])
     calls = log.read_text().splitlines()
-    assert len(calls) == 12 and calls[3].endswith(str(test / "n0" / "9.jpg"))
+    assert len(calls) == 16 and calls[5].endswith(str(test / "n0" / "9.jpg"))

@@ -37,7 +37,7 @@ def test_bench_serve_runs_both_modes_and_reports(tmp_path: Path) -> None:
         "--shots", "3", "--out", out,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} >= {"serve.json", "serve.md", "serve.png"}
+    assert {p.name for p in out.iterdir()} == {"serve.json", "serve.md", "serve.png"}
     doc = json.loads((out / "serve.json").read_text())
     assert doc["kind"] == "serve" and doc["config"]["clients"] == 3
     res = doc["results"]

@@ -298,8 +298,12 @@ def register(app: typer.Typer, name: str) -> None:
             modes=tuple(m.strip() for m in modes.split(",") if m.strip()), rounds=rounds,
             seed=seed,
         )  # fmt: skip
+        import tempfile
+
         out = out or _default_out("serve")
-        report = sr.make_report(cfg, sb.run_serve_bench(cfg, out / "work"))
+        # The servers' galleries are scratch: only the report goes to `out`.
+        with tempfile.TemporaryDirectory(prefix="mtl-edge-bench-serve-") as work:
+            report = sr.make_report(cfg, sb.run_serve_bench(cfg, Path(work)))
         paths = sr.write_outputs(report, out)
         typer.echo(json.dumps(report, indent=2) if as_json else sr.to_markdown(report))
         if not as_json:
