@@ -34,12 +34,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mtl_edge.errors import ConfigError, DatasetError
 from mtl_edge.serve.server import LISTENING
+
+if TYPE_CHECKING:
+    from mtl_edge.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -409,16 +412,17 @@ def order_of(modes: tuple[str, ...], rounds: int) -> list[str]:
     return out
 
 
-def backend_ceiling(cfg: ServeBenchConfig, photos: Photos, rounds: int = 5) -> dict[str, Any]:
+def backend_ceiling(
+    cfg: ServeBenchConfig, bundle: Bundle, photos: Photos, rounds: int = 5
+) -> dict[str, Any]:
     """Per-image backend time at batch 1 and at `cfg.max_batch` (medians over interleaved
     rounds of about 32 images each), and their ratio: what batching can save in the backend."""
     from mtl_edge.backends.select import create_backend
-    from mtl_edge.bundle import Bundle
     from mtl_edge.preprocess import decode_image, preprocess_image
 
-    bundle = Bundle.load(cfg.bundle)
     pre = bundle.preprocess
-    arrays = [preprocess_image(decode_image(d, pre.color_mode), pre) for _, d in photos.queries]
+    queries = [d for _, d in photos.queries[: cfg.max_batch]]
+    arrays = [preprocess_image(decode_image(d, pre.color_mode), pre) for d in queries]
     batch = np.stack([arrays[i % len(arrays)] for i in range(cfg.max_batch)])
     extractor = create_backend(cfg.backend, bundle, cfg.precision, cfg.threads, cfg.max_batch)
     per_image: dict[int, list[float]] = {1: [], cfg.max_batch: []}
@@ -450,7 +454,7 @@ def run_serve_bench(cfg: ServeBenchConfig, workdir: Path) -> dict[str, Any]:
     bundle = Bundle.load(cfg.bundle)
     photos = load_photos(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    ceiling = backend_ceiling(cfg, photos)
+    ceiling = backend_ceiling(cfg, bundle, photos)
     raw: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.modes}
     for i, mode in enumerate(order_of(cfg.modes, cfg.rounds)):
         if i:
