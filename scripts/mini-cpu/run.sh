@@ -36,13 +36,13 @@ if [ -z "${META:-}" ]; then
 fi
 timed metatest $CLI train evaluate --checkpoint "$META" --split test --episodes 2000 \
   --heads mtl,mtl-paper,centroid,logreg --json > "$RESULTS/metatest.json"
-export=(export "$META" --out "$RUNS/bundle" --force --int8 --int8-variants int8-cpu
+export_cmd=(export "$META" --out "$RUNS/bundle" --force --int8 --int8-variants int8-cpu
   --calib "$MINI/train" --calib-images 300 --eval "$MINI/test" --eval-per-class 60
   --quant-episodes 2000 --card "$RUNS/card.json" --json)
-record $CLI "${export[@]}"  # before the card, so that the card lists it
+record $CLI "${export_cmd[@]}"  # before the card, so that the card lists it
 python "$(dirname "$0")/card.py" "$RESULTS/metatest.json" "$RUNS/card.json" \
   --commands "$RESULTS/commands.txt" --note "${NOTE:-}"
-/usr/bin/time -v -o "$RESULTS/time-export.txt" $CLI "${export[@]}" > "$RESULTS/export.json"
+/usr/bin/time -v -o "$RESULTS/time-export.txt" $CLI "${export_cmd[@]}" > "$RESULTS/export.json"
 cp "$RUNS/bundle/manifest.json" "$RESULTS/manifest.json"
 for precision in fp32 int8-cpu; do
   log $CLI bench enroll --bundle "$RUNS/bundle" --images "$MINI/test" --precision "$precision" \
