@@ -174,3 +174,22 @@ def test_decode_cache_is_reused(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(decode, "decode_split", no_decoding)
     second = DeviceDataset.from_split(split, cfg, device="cpu", cache_dir=tmp_path / "cache")
     assert torch.equal(first.images, second.images)
+
+
+def test_recipe_augmentation_without_flip_or_jitter() -> None:
+    """`[pretrain] flip = false, jitter = 0` (characters): crops only, never a mirror image."""
+    from mtl_edge.train.config import load_recipe
+    from mtl_edge.train.torchdata import make_augment
+
+    sets = ["pretrain.augment=true", "pretrain.flip=false", "pretrain.jitter=0.0"]
+    p = load_recipe("omniglot-cpu", sets).pretrain
+    aug = make_augment(p.crop_scale, p.augment, p.flip, p.jitter)
+    assert aug is not None and not aug.flip
+    assert aug.brightness == aug.contrast == aug.saturation == 0
+    assert make_augment(p.crop_scale, False, p.flip, p.jitter) is None
+    default = load_recipe(None).pretrain
+    assert make_augment(default.crop_scale, True, default.flip, default.jitter) == DeviceAugment(
+        scale=default.crop_scale
+    )
+    with pytest.raises(ConfigError, match="pretrain.jitter"):
+        load_recipe("omniglot-cpu", ["pretrain.jitter=1.5"])

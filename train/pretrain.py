@@ -185,7 +185,7 @@ def pretrain(
     model: nn.Module = dist_util.wrap(net, ctx)
     if rt.compile:
         model = torch.compile(model)  # type: ignore[assignment]
-    augment = make_augment(p.crop_scale, p.augment)
+    augment = make_augment(p.crop_scale, p.augment, p.flip, p.jitter)
     val_sampler = (
         EpisodeSampler.for_split(val_split, p.val_ways, p.val_shots, p.val_queries, rt.seed)
         if val_split is not None

@@ -29,8 +29,9 @@ class PretrainConfig:
         epochs, batch_size, lr, momentum, nesterov, weight_decay: SGD over the train split.
         schedule: "cosine" or "step" (x `gamma` every `step_size` epochs); warmup_epochs:
             linear warm-up of the lr; label_smoothing: of the cross-entropy.
-        augment, crop_scale: random resized crop (of that area range), flip, colour jitter
-            (`gpu_data.DeviceAugment`).
+        augment, crop_scale, flip, jitter: random resized crop (of that area range), horizontal
+            flip (off for characters, where a mirror image is another symbol), brightness /
+            contrast / saturation jitter of that strength (`gpu_data.DeviceAugment`).
         val_episodes, val_ways, val_shots, val_queries: validation episodes on the validation
             classes after every `val_every` epochs (nearest-centroid on the features); the best
             one is best.pt. 0 episodes: the last epoch is best.
@@ -51,6 +52,8 @@ class PretrainConfig:
     label_smoothing: float = 0.0
     augment: bool = True
     crop_scale: tuple[float, float] = (0.25, 1.0)
+    flip: bool = True
+    jitter: float = 0.4
     val_episodes: int = 200
     val_ways: int = 5
     val_shots: int = 1
@@ -67,6 +70,7 @@ class PretrainConfig:
             0 <= self.label_smoothing < 1,
             f"pretrain.label_smoothing={self.label_smoothing}: need 0 <= value < 1",
         )
+        require(0 <= self.jitter < 1, f"pretrain.jitter={self.jitter}: need 0 <= value < 1")
 
 
 @dataclass(frozen=True)

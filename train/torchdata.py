@@ -117,9 +117,15 @@ def load_split(
     return DeviceDataset.from_split(split, preprocess, device, progress=progress)
 
 
-def make_augment(crop_scale: tuple[float, float], enabled: bool) -> DeviceAugment | None:
+def make_augment(
+    crop_scale: tuple[float, float], enabled: bool, flip: bool = True, jitter: float = 0.4
+) -> DeviceAugment | None:
     """The training augmentation (None = none: batches are preprocessed like evaluation)."""
-    return DeviceAugment(scale=crop_scale) if enabled else None
+    if not enabled:
+        return None
+    return DeviceAugment(
+        scale=crop_scale, flip=flip, brightness=jitter, contrast=jitter, saturation=jitter
+    )
 
 
 def episode_loader(
