@@ -2,6 +2,10 @@
 and validation accuracy (with the 95 % interval) against the wall time of the run.
 
     python -m mtl_edge.bench.curves RUN_PRE RUN_META [...] --out curves.png
+    python -m mtl_edge.bench.curves RUN_A RUN_B [...] --compare --out tuning.png
+
+`--compare` draws runs of one stage over each other instead (validation accuracy against the
+epoch, one line per run folder, named by its folder): the plot of a tuning sweep.
 
 Reads each run folder's metrics.jsonl (`mtl_edge.train.runs.Run.log_metrics`: one row per
 epoch with "stage", "loss", "train_acc", "seconds" and, when validated, "val_acc" and
@@ -84,13 +88,52 @@ def plot_curves(runs: list[Path], out: Path, title: str = "") -> Path:
     return out
 
 
+def plot_comparison(runs: list[Path], out: Path, title: str = "") -> Path:
+    """One PNG of the validation accuracy (95 % interval shaded) of every run against its
+    epoch, and its training accuracy dashed in the same colour.
+
+    Raises:
+        ConfigError: a run folder without metrics, or whose rows have no validation accuracy.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        rows = [r for r in read_rows(run) if r.get("val_acc") is not None]
+        if not rows:
+            raise ConfigError(f"{run}: no validated epochs in metrics.jsonl; nothing to compare")
+        epoch = [int(r["epoch"]) + 1 for r in rows]
+        val = [float(r["val_acc"]) for r in rows]
+        ci = [float(r.get("val_ci95", 0.0)) for r in rows]
+        (line,) = ax.plot(
+            epoch, val, marker=".", label=f"{Path(run).name} (val, last {val[-1]:.2f})"
+        )
+        ax.fill_between(epoch, [v - c for v, c in zip(val, ci, strict=True)],
+                        [v + c for v, c in zip(val, ci, strict=True)],
+                        color=line.get_color(), alpha=0.15)  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy %")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Learning curves of mtl-edge train runs.")
     parser.add_argument("runs", nargs="+", type=Path, help="Run folders, in training order.")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write.")
     parser.add_argument("--title", default="")
+    parser.add_argument(
+        "--compare", action="store_true", help="Overlay the runs' validation accuracy by epoch."
+    )
     args = parser.parse_args(argv)
-    print(plot_curves(args.runs, args.out, args.title))
+    plot = plot_comparison if args.compare else plot_curves
+    print(plot(args.runs, args.out, args.title))
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_edge.bench.curves import main, plot_curves
+from mtl_edge.bench.curves import main, plot_comparison, plot_curves
 from mtl_edge.errors import ConfigError
 
 
@@ -38,3 +38,23 @@ def test_a_folder_without_metrics_is_one_line_error(tmp_path: Path) -> None:
     (bad / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(ConfigError, match="line 1 is not JSON"):
         plot_curves([bad], tmp_path / "c.png")
+
+
+def test_comparison_of_tuning_runs(tmp_path: Path) -> None:
+    runs = [
+        write_run(
+            tmp_path / name,
+            "pretrain",
+            [
+                {"loss": 3.0, "train_acc": 10.0, "val_acc": v, "val_ci95": 0.5},
+                {"loss": 2.0, "train_acc": 40.0, "val_acc": v + 1, "val_ci95": 0.4},
+            ],
+        )  # fmt: skip
+        for name, v in (("A", 80.0), ("B", 81.0))
+    ]
+    out = plot_comparison(runs, tmp_path / "t.png", "sweep")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*map(str, runs), "--compare", "--out", str(tmp_path / "u.png")]) == 0
+    unvalidated = write_run(tmp_path / "C", "pretrain", [{"loss": 1.0, "train_acc": 5.0}])
+    with pytest.raises(ConfigError, match="no validated epochs"):
+        plot_comparison([unvalidated], tmp_path / "v.png")
