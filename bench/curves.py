@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mtl_edge.bench.plots import _pyplot
+from mtl_edge.bench.plots import _pyplot, save_figure
 from mtl_edge.errors import ConfigError
 
 
@@ -82,8 +82,7 @@ def plot_curves(runs: list[Path], out: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    save_figure(fig, out, dpi=80)
     plt.close(fig)
     return out
 
@@ -117,8 +116,7 @@ def plot_comparison(runs: list[Path], out: Path, title: str = "") -> Path:
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    save_figure(fig, out, dpi=80)
     plt.close(fig)
     return out
 

@@ -181,7 +181,7 @@ def _goal_lines(g: dict[str, Any]) -> list[str]:
 
 def plot_gpu(report: dict[str, Any], path: Path) -> Path:
     """Median latency per call and throughput against batch, one line per setting and mode."""
-    from mtl_edge.bench.plots import _plain_formatter, _pyplot
+    from mtl_edge.bench.plots import _plain_formatter, _pyplot, save_figure
 
     plt = _pyplot()
     fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4.4))
@@ -207,6 +207,6 @@ def plot_gpu(report: dict[str, Any], path: Path) -> Path:
     ax_thr.set_title("Throughput vs batch")
     ax_thr.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -349,7 +349,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> Path:
     """Iterations per second (log scale) per setting, one bar per engine."""
-    from mtl_edge.bench.plots import _pyplot
+    from mtl_edge.bench.plots import _pyplot, save_figure
 
     plt = _pyplot()
     settings = report["results"]["settings"]
@@ -366,7 +366,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"joint method on {report['results']['device']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

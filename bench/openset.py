@@ -418,7 +418,7 @@ def openset_markdown(report: dict[str, Any]) -> str:
 
 def plot_openset(report: dict[str, Any], path: Path) -> Path:
     """Pooled ROC curves per rule, with each rule's mean operating point at its balanced cut."""
-    from mtl_edge.bench.plots import _pyplot
+    from mtl_edge.bench.plots import _pyplot, save_figure
 
     plt = _pyplot()
     blocks = report["results"]["blocks"]
@@ -443,6 +443,6 @@ def plot_openset(report: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Open-set ROC, {report['results']['episodes']} episodes", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtl_edge.atomicio import atomic_write, atomic_write_bytes, atomic_write_json
+from mtl_edge.atomicio import atomic_write_bytes, atomic_write_json
 from mtl_edge.jsonfile import json_safe
 
 
@@ -84,6 +84,8 @@ def plot_curves(files: Mapping[str, Path], out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mtl_edge.bench.plots import save_figure
+
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
     for ax, (label, curves) in zip(axes[0], series.items(), strict=True):
         for key, (xs, ys) in sorted(curves.items()):
@@ -92,7 +94,7 @@ def plot_curves(files: Mapping[str, Path], out: Path) -> bool:
         ax.set_xlabel("step")
         ax.legend(fontsize="small")
     fig.tight_layout()
-    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return True
 

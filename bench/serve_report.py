@@ -124,6 +124,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mtl_edge.bench.plots import save_figure
+
     modes = report["results"]["modes"]
     names = [f"batching {m['mode']}" for m in modes]
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.6))
@@ -144,7 +146,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
         f"{cfg['precision']}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -103,3 +103,23 @@ def test_compare_lists_unmatched_settings_and_refuses_mixed_kinds() -> None:
     assert "only in A: onnxruntime int8-cpu 1" in compare_markdown(result, "a", "b")
     with pytest.raises(ConfigError, match="same kind"):
         compare(_latency(1.0), _accuracy(1.0))
+
+
+def test_figures_are_saved_as_palette_pngs_in_a_third_of_the_bytes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from mtl_edge.bench.plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in range(5):
+        ax.plot(range(50), [(i * (k + 1)) % 17 for i in range(50)], label=f"line {k}")
+    ax.legend()
+    rgba = tmp_path / "rgba.png"
+    fig.savefig(rgba, dpi=90)
+    small = save_figure(fig, tmp_path / "sub" / "plot.png")
+    plt.close(fig)
+    with Image.open(small) as image, Image.open(rgba) as full:
+        assert image.mode == "P" and image.size == full.size
+    assert small.stat().st_size < 0.7 * rgba.stat().st_size
+    assert not list(small.parent.glob(".*.tmp"))  # written through a temporary file

@@ -158,7 +158,9 @@ def _plot_grid(report: dict[str, Any], names: list[str], path: Path) -> None:
     ax.set_ylabel("accuracy (%), 95% interval; dashed: paper's Reptile + transfer")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from mtl_edge.bench.plots import save_figure
+
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -192,7 +194,9 @@ def curve(runs: Path, results: Path, plan: dict[str, Any], args: argparse.Namesp
     ax.set_ylabel("5-way 1-shot accuracy difference (points), paired")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(results / "curve.png", dpi=120)
+    from mtl_edge.bench.plots import save_figure
+
+    save_figure(fig, results / "curve.png", dpi=120)
     plt.close(fig)
     return results / "curve.json"
 
