@@ -76,11 +76,16 @@ def plot_curves(runs: list[Path], out: Path, title: str = "") -> Path:
     ax_loss.set_ylabel("training loss")
     ax_acc.set_xlabel("training minutes")
     ax_acc.set_ylabel("accuracy % (val: 95 % interval)")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _finish(plt, fig, (ax_loss, ax_acc), out)
+
+
+def _finish(plt: Any, fig: Any, axes: tuple[Any, ...], out: Path) -> Path:
+    """Grid and legend on every axis, then the PNG written and the figure closed."""
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, out, dpi=80)
     plt.close(fig)
@@ -89,7 +94,7 @@ def plot_curves(runs: list[Path], out: Path, title: str = "") -> Path:
 
 def plot_comparison(runs: list[Path], out: Path, title: str = "") -> Path:
     """One PNG of the validation accuracy (95 % interval shaded) of every run against its
-    epoch, and its training accuracy dashed in the same colour.
+    epoch, one line per run folder.
 
     Raises:
         ConfigError: a run folder without metrics, or whose rows have no validation accuracy.
@@ -111,14 +116,9 @@ def plot_comparison(runs: list[Path], out: Path, title: str = "") -> Path:
                         color=line.get_color(), alpha=0.15)  # fmt: skip
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy %")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, out, dpi=80)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, (ax,), out)
 
 
 def main(argv: list[str] | None = None) -> int:
