@@ -139,7 +139,8 @@ def meta_test(
 
     Returns:
         JSON-able: {"split", "fingerprint", "ways", "queries", "episodes", "seed", "heads",
-        "results": {"<shots>": {"<head>": {"mean", "ci95", "episodes"}}}}, in percent.
+        "mtl_head" (the recipe the "mtl" head fitted), "results": {"<shots>": {"<head>":
+        {"mean", "ci95", "episodes"}}}}, in percent.
     """
     heads = canonical_heads(list(protocol.heads), EVAL_HEADS)
     split.require(protocol.ways, max(protocol.shots) + protocol.queries)
@@ -185,5 +186,6 @@ def meta_test(
         "episodes": protocol.episodes,
         "seed": protocol.seed,
         "heads": heads,
+        "mtl_head": model.head.to_dict(),
         "results": results,
     }

@@ -7,7 +7,8 @@
     mtl-edge train joint    --recipe R --out RUN [--set joint.beta=0.5 ...]
     mtl-edge train pipeline --recipe R --out RUN [--stages a,b] [--resume]
     mtl-edge train evaluate --checkpoint C [--ways 5 --shots 1,5 --episodes N --heads ...]
-                            [--split test] [--grid --adapt KEY=VALUE] [--json]
+                            [--split test] [--head KEY=VALUE] [--grid --adapt KEY=VALUE]
+                            [--json]
     mtl-edge train loader-check [--data-kind K --data ROOT -o KEY=VALUE ...]
 
 Every command reads one recipe (`mtl_edge.train.config.load_recipe`) with `--set` overrides;
@@ -205,6 +206,12 @@ def register(app: typer.Typer, name: str) -> None:
             help="--grid: override every model's adaptation, KEY=VALUE (kind, steps, lr, "
             "batch_size, head_init), e.g. --adapt kind=centroid (repeatable).",
         ),
+        head: list[str] = typer.Option(
+            [],
+            "--head",
+            help="Override the checkpoint's deploy head (the mtl head), KEY=VALUE (steps, lr, "
+            "init, normalize, weight_decay, loss), e.g. --head steps=200 (repeatable).",
+        ),
         as_json: bool = JSON_OPT,
     ) -> None:
         """Meta-test a checkpoint: mean +- 95% interval per head and shot count."""
@@ -215,6 +222,8 @@ def register(app: typer.Typer, name: str) -> None:
         dev = parse_device(device, "--device")
         ways_list = _ints(ways or ("5,20,35" if grid else "5"), "--ways")
         shots_list = _ints(shots or ("1,5,100" if grid else "1,5"), "--shots")
+        if grid and head:
+            raise ConfigError("--head applies without --grid; with --grid use --adapt")
         if grid:
             report = run_grid(
                 checkpoint, dataset or "folders", data, split, ways_list, shots_list,
@@ -227,7 +236,7 @@ def register(app: typer.Typer, name: str) -> None:
         names = [h.strip() for h in heads.split(",") if h.strip()]
         protocol = {"ways": ways_list[0], "shots": shots_list, "episodes": episodes}
         protocol |= {"queries": queries, "heads": names, "seed": seed}
-        result = evaluate_checkpoint(checkpoint[0], protocol, split, data, dataset, dev)
+        result = evaluate_checkpoint(checkpoint[0], protocol, split, data, dataset, dev, head)
         typer.echo(json.dumps(result, indent=2) if as_json else format_results(result))
 
     @train_app.command(
