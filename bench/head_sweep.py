@@ -69,7 +69,8 @@ def sweep(
         JSON-able: {"checkpoint", "split", "fingerprint", "episodes", "queries", "seed",
         "base_head" (the deploy head the sweep changes), "settings": [{"ways", "shots",
         "heads": [{"name", "steps", "lr", "mean", "ci95", "minus_centroid",
-        "minus_centroid_ci95"}]}]}; accuracies in percent, steps/lr null for the baselines.
+        "minus_centroid_ci95"}]}]}; accuracies in percent (4 decimals), steps/lr null for the
+        baselines.
     """
     loaded = with_head_overrides(load_checkpoint(checkpoint), head)
     eval_split = checkpoint_split(loaded, split, data)
@@ -79,6 +80,7 @@ def sweep(
     grid = {(t, lr): with_head_overrides(loaded, [f"steps={t}", f"lr={lr}"]).head
             for t in steps for lr in lrs}  # fmt: skip
     factories: dict[str, HeadFactory] = {name: feature_head(name) for name in BASELINES}
+    settings_of = {recipe_name(t, lr): (t, lr) for t, lr in grid}
     for (t, lr), recipe in grid.items():
         factories[recipe_name(t, lr)] = feature_head("mtl", recipe, loaded.meta_init)
     rows = []
@@ -91,11 +93,11 @@ def sweep(
         heads = []
         for name, r in results.items():
             diff, half = r.minus(results["centroid"])
-            t_lr = next(((t, lr) for (t, lr) in grid if recipe_name(t, lr) == name), (None, None))
-            heads.append({
-                "name": name, "steps": t_lr[0], "lr": t_lr[1], "mean": r.mean, "ci95": r.ci95,
-                "minus_centroid": diff, "minus_centroid_ci95": half,
-            })  # fmt: skip
+            t_lr = settings_of.get(name, (None, None))
+            numbers = {"mean": r.mean, "ci95": r.ci95, "minus_centroid": diff,
+                       "minus_centroid_ci95": half}  # fmt: skip
+            heads.append({"name": name, "steps": t_lr[0], "lr": t_lr[1]}
+                         | {k: round(v, 4) for k, v in numbers.items()})  # fmt: skip
         rows.append({"ways": ways, "shots": shots, "heads": heads})
     return {
         "checkpoint": str(checkpoint),
