@@ -36,16 +36,23 @@ METATEST = {
 def test_card_holds_the_deploy_heads_accuracy_every_head_and_the_terms(tmp_path: Path) -> None:
     src, out, commands = tmp_path / "m.json", tmp_path / "card.json", tmp_path / "c.txt"
     src.write_text(json.dumps({"with_ht": METATEST}))
+    wide = tmp_path / "m20.json"
+    five = {"mtl": {"mean": 40.004, "ci95": 0.2}, "centroid": {"mean": 38.1, "ci95": 0.2}}
+    wide.write_text(json.dumps(METATEST | {"ways": 20, "episodes": 600, "results": {"5": five}}))
     commands.write_text("mtl-edge train meta ...\n\nmtl-edge export ...\n")
     subprocess.run(
-        [sys.executable, SCRIPTS / "card.py", src, out, "--commands", commands, "--note", "n"],
+        [sys.executable, SCRIPTS / "card.py", src, out, "--also", wide, "--commands", commands,
+         "--note", "n"],
         check=True,
-    )
+    )  # fmt: skip
     card = json.loads(out.read_text())
     assert card["accuracy"] == {
         "5-way 1-shot": {"mean": 41.65, "ci95": 0.42},
         "5-way 5-shot": {"mean": 56.15, "ci95": 0.39},
+        "20-way 5-shot": {"mean": 40.0, "ci95": 0.2},
     }
+    assert card["heads"]["20-way 5-shot"]["centroid"]["mean"] == 38.1
+    assert card["protocol"]["also"] == [{"ways": 20, "episodes": 600}]
     assert card["heads"]["5-way 5-shot"]["centroid"]["mean"] == 55.4
     assert card["commands"] == ["mtl-edge train meta ...", "mtl-edge export ..."]
     assert "ImageNet" in card["data_terms"] and card["protocol"]["episodes"] == 2000
@@ -89,6 +96,7 @@ def test_the_chain_script_runs_every_step_in_order(tmp_path: Path) -> None:
         "train pretrain",
         "train meta",
         "train evaluate",
+        "train evaluate",
         "export " + str(runs) + "/meta/best.pt",
         "bench enroll",
         "bench enroll",
@@ -103,9 +111,26 @@ def test_the_chain_script_runs_every_step_in_order(tmp_path: Path) -> None:
         ["mtl-edge", "train", "pretrain"],
         ["mtl-edge", "train", "meta"],
         ["mtl-edge", "train", "evaluate"],
+        ["mtl-edge", "train", "evaluate"],
         ["mtl-edge", "export", str(runs / "meta" / "best.pt")],
     ]
-    assert (results / "commands.txt").read_text().count("\n") == 7
+    assert "--ways 20" in card["commands"][3]
+    assert (results / "commands.txt").read_text().count("\n") == 8
+    # from an earlier pre-training: its command is recorded, not run
+    log.unlink()
+    pre = tmp_path / "pre.pt"
+    again = subprocess.run(
+        ["bash", SCRIPTS / "run.sh", runs, results],
+        env=env | {"PRETRAINED": str(pre), "PRETRAINED_BY": "mtl-edge train pretrain --old"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert [" ".join(line.split()[:2]) for line in log.read_text().splitlines()][:2] == [
+        "train meta", "train evaluate",
+    ]  # fmt: skip
+    assert f"--pretrained {pre}" in log.read_text().splitlines()[0]
+    card = json.loads((runs / "card.json").read_text())
+    assert card["commands"][0] == "mtl-edge train pretrain --old"
 
 
 def test_the_cli_timing_script_times_every_command(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@
 # ../shared/data) with miniimagenet/{train,val,test}. Budgets: PRE_BUDGET (76m) and META_BUDGET
 # (22m) of wall time for the two training stages; every later step is evaluation. NOTE: a line
 # for the model card (for example the training times).
-# To skip training, set PRETRAINED=FILE (a pre-training checkpoint) or META=FILE.
+# To skip training, set PRETRAINED=FILE (a pre-training checkpoint) or META=FILE; PRETRAINED_BY
+# (the command that made PRETRAINED) then goes into commands.txt and the card, not run.
 set -euo pipefail
 RUNS=${1:-runs/mini-cpu}
 RESULTS=${2:-bench/results/$(date -u +%F)-cpu-mini}
@@ -24,6 +25,7 @@ log() { record "$@"; "$@"; }
 timed() { local name=$1; shift; record "$@"; /usr/bin/time -v -o "$RESULTS/time-$name.txt" "$@"; }
 : > "$RESULTS/commands.txt"
 
+if [ -n "${PRETRAINED_BY:-}" ]; then record "$PRETRAINED_BY"; fi
 if [ -z "${META:-}" ]; then
   if [ -z "${PRETRAINED:-}" ]; then
     timed pretrain $CLI train pretrain --recipe mini-cpu --out "$RUNS/pre" \
@@ -36,12 +38,16 @@ if [ -z "${META:-}" ]; then
 fi
 timed metatest $CLI train evaluate --checkpoint "$META" --split test --episodes 2000 \
   --heads mtl,mtl-paper,centroid,logreg --json > "$RESULTS/metatest.json"
+# Users enroll any number of classes, the meta-learned FC init is 5-way: 20 classes (all the test
+# classes) show what the device's head gives then.
+log $CLI train evaluate --checkpoint "$META" --split test --ways 20 --episodes 600 \
+  --heads mtl,mtl-paper,centroid,logreg --json > "$RESULTS/metatest-20way.json"
 export_cmd=(export "$META" --out "$RUNS/bundle" --force --int8 --int8-variants int8-cpu
   --calib "$MINI/train" --calib-images 300 --eval "$MINI/test" --eval-per-class 60
   --quant-episodes 2000 --card "$RUNS/card.json" --json)
 record $CLI "${export_cmd[@]}"  # before the card, so that the card lists it
 python "$(dirname "$0")/card.py" "$RESULTS/metatest.json" "$RUNS/card.json" \
-  --commands "$RESULTS/commands.txt" --note "${NOTE:-}"
+  --also "$RESULTS/metatest-20way.json" --commands "$RESULTS/commands.txt" --note "${NOTE:-}"
 /usr/bin/time -v -o "$RESULTS/time-export.txt" $CLI "${export_cmd[@]}" > "$RESULTS/export.json"
 cp "$RUNS/bundle/manifest.json" "$RESULTS/manifest.json"
 for precision in fp32 int8-cpu; do
