@@ -48,6 +48,7 @@ def parse_setting(text: str) -> tuple[int, int]:
 
 
 def recipe_name(steps: int, lr: float) -> str:
+    """The report's name of the MTL head with `steps` steps at `lr`, e.g. "mtl T=100 lr=0.2"."""
     return f"mtl T={steps} lr={lr:g}"
 
 
