@@ -16,6 +16,7 @@ Writes DIR/head-sweep.json and DIR/head-sweep.png.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from mtl_edge.atomicio import atomic_write_json
 from mtl_edge.bench.plots import _pyplot, save_figure
 from mtl_edge.data.episodes import EpisodeSampler
-from mtl_edge.errors import ConfigError
+from mtl_edge.errors import ConfigError, MtlEdgeError
 from mtl_edge.fewshot.evaluate import evaluate_episodes
 from mtl_edge.fewshot.heads import HeadFactory, feature_head
 from mtl_edge.train.checkpoint import load_checkpoint
@@ -182,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = sweep(
-        args.checkpoint, args.split, [parse_setting(s) for s in args.settings.split(",")],
-        _numbers(args.steps, int, "--steps"), _numbers(args.lr, float, "--lr"),
-        args.episodes, args.queries, args.seed, args.head, args.data,
-    )  # fmt: skip
+    try:
+        report = sweep(
+            args.checkpoint, args.split, [parse_setting(s) for s in args.settings.split(",")],
+            _numbers(args.steps, int, "--steps"), _numbers(args.lr, float, "--lr"),
+            args.episodes, args.queries, args.seed, args.head, args.data,
+        )  # fmt: skip
+    except MtlEdgeError as e:  # a user's mistake: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "head-sweep.json", report)
     plot_sweep(report, args.out / "head-sweep.png")

@@ -109,6 +109,11 @@ def test_command_writes_report_and_plot(checkpoint: Path, tmp_path: Path, capsys
     assert [s["ways"] for s in report["settings"]] == [3]
     assert (out / "head-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "mtl T=4 lr=1" in capsys.readouterr().out
+    # a user's mistake is one line on stderr and exit status 1
+    assert main([*argv[:4], "--settings", "3x1", "--steps", "0,x", "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: --steps '0,x'")
+    missing = ["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)]
+    assert main(missing) == 1 and "nope.pt" in capsys.readouterr().err
 
 
 def test_evaluate_command_takes_head_overrides(checkpoint: Path) -> None:
